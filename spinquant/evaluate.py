@@ -1,0 +1,98 @@
+"""Perplexity, KL divergence to a reference and top-1 agreement on WikiText-2-style windows.
+
+Protocol (GPTQ, QuaRot, SpinQuant): rows = the test split's rows; text = "\\n\\n".join(rows);
+ids = tokenizer(text) with default special tokens (one BOS at the start); windows = consecutive
+non-overlapping ``seqlen`` slices, remainder dropped; ppl = exp(mean cross-entropy of predicting
+tokens 1..seqlen-1 of each window).
+
+A model here is anything mapping ids (1, T) int64 to logits (1, T, vocab): see :data:`LogitsFn`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spinquant.data import load_rows, rows_to_texts, tokenize_stream
+from spinquant.errors import SpinQuantError
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluation_ids(tokenizer: Any, data: str = "wikitext2", text_field: str = "text") -> torch.Tensor:
+    """The 1-D token stream of the evaluation text (``wikitext2`` = the hub's test split, or a local file)."""
+    rows = load_rows(data, split="test")
+    return tokenize_stream(tokenizer, rows_to_texts(rows, text_field, tokenizer, template="none"), add_special_tokens=True)
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """(n, seqlen) consecutive non-overlapping windows, remainder dropped; the first ``max_windows`` if given."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise SpinQuantError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+    if max_positions is not None and seqlen > max_positions:
+        raise SpinQuantError(f"seqlen {seqlen} is longer than the model's max positions ({max_positions}): pass --seqlen {max_positions} or less")
+
+
+def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
+    """Wrap a transformers causal LM as a LogitsFn (no KV cache, its own device)."""
+    device = next(model.parameters()).device
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids.to(device), use_cache=False).logits
+
+    return run
+
+
+@dataclass
+class EvalResult:
+    """ppl over ``tokens`` predicted tokens; kl (nats/token, KL(reference || model)) and top1 when a reference was given."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    seqlen: int
+    windows: int
+    kl: float | None = None
+    top1: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(model: LogitsFn, windows: torch.Tensor, reference: LogitsFn | None = None, progress: bool = True) -> EvalResult:
+    """Perplexity of ``model`` on ``windows`` (n, seqlen); with ``reference``, also KL and top-1 agreement."""
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for w in tqdm(windows, desc="eval", unit="window", disable=not progress, leave=False):
+        ids = w[None]
+        logp = F.log_softmax(model(ids)[0, :-1].float().cpu(), dim=-1)
+        targets = w[1:]
+        nll_sum += -logp.gather(1, targets[:, None]).sum().item()
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(reference(ids)[0, :-1].float().cpu(), dim=-1)
+            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    nll = nll_sum / count
+    return EvalResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=count,
+        seqlen=windows.shape[1],
+        windows=windows.shape[0],
+        kl=kl_sum / count if reference is not None else None,
+        top1=agree / count if reference is not None else None,
+    )

@@ -1,0 +1,233 @@
+"""Function-preserving weight transforms: untie, RMSNorm fusion, R1/R2/R4 rotations.
+
+Conventions (used everywhere in spinquant):
+- A linear weight ``W`` is (out, in) and computes ``y = x @ W.T`` on row vectors ``x``.
+- A rotation ``Q`` on the *input* side means ``W <- W @ Q`` (the layer now expects ``x @ Q``).
+- A rotation ``Q`` on the *output* side means ``W <- Q.T @ W`` (the layer now emits ``y @ Q``).
+- The residual stream is rotated as ``h -> h @ R1``; head values as ``v_h -> v_h @ R2``;
+  the down_proj input as ``z -> z @ H4`` (online) with ``W_down <- W_down @ H4``.
+The arithmetic runs in float64 and the results are cast back to the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from spinquant.errors import SpinQuantError
+from spinquant.hadamard import OnlineHadamard, hadamard_matrix, random_hadamard_matrix
+
+ONLINE_R4_KEY = "spinquant_online_r4"
+
+
+def rotate_input(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """W @ Q in float64, cast back to W's dtype. W (out, in), Q (in, in)."""
+    return (w.double() @ q.double().to(w.device)).to(w.dtype)
+
+
+def rotate_output(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Qᵀ @ W in float64, cast back to W's dtype. W (out, in), Q (out, out)."""
+    return (q.double().to(w.device).T @ w.double()).to(w.dtype)
+
+
+def orthogonality_error(q: torch.Tensor) -> float:
+    """max |QᵀQ - I|."""
+    q = q.double()
+    return (q.T @ q - torch.eye(q.shape[0], dtype=torch.float64, device=q.device)).abs().max().item()
+
+
+@torch.no_grad()
+def fuse_norms(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Fold every RMSNorm scale into the linears that read its output; set the norms to 1. In place.
+
+    input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, model.norm -> lm_head.
+    Needs untied embeddings (lm_head changes, the embedding does not).
+    """
+    if model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr():
+        raise SpinQuantError("fuse_norms needs untied embeddings: call models.untie_embeddings first")
+
+    def fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+        g = norm.weight.double()
+        for lin in linears:
+            lin.weight.copy_((lin.weight.double() * g.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
+        norm.weight.fill_(1.0)
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    fold(model.model.norm, [model.lm_head])
+    return model
+
+
+def norms_are_fused(model: LlamaForCausalLM) -> bool:
+    norms = [model.model.norm] + [n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    return all(bool((n.weight == 1).all()) for n in norms)
+
+
+@dataclass
+class Rotations:
+    """The rotations of one model. r1: (dim, dim); r2: one (head_dim, head_dim) per layer; r4: online H on down_proj.
+
+    Any of them may be absent (None / empty list / False). Matrices are float64 on CPU.
+    """
+
+    r1: torch.Tensor | None = None
+    r2: list[torch.Tensor] = field(default_factory=list)
+    r4: bool = False
+
+    @staticmethod
+    def random_hadamard(model: LlamaForCausalLM, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> "Rotations":
+        """Seeded random Hadamard R1 and per-layer R2 (each D @ H with its own signs), and R4."""
+        cfg = model.config
+        hd = head_dim(cfg)
+        return Rotations(
+            r1=random_hadamard_matrix(cfg.hidden_size, seed, "R1 (hidden size)") if r1 else None,
+            r2=[random_hadamard_matrix(hd, seed * 1_000_003 + 1 + i, "R2 (head_dim)") for i in range(cfg.num_hidden_layers)]
+            if r2
+            else [],
+            r4=r4,
+        )
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class HadamardInputLinear(nn.Linear):
+    """nn.Linear whose input is first rotated online: ``y = (x @ H_n) @ W.T``. Same state-dict keys as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.input_rotation = OnlineHadamard(in_features)
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "HadamardInputLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.input_rotation = OnlineHadamard(linear.in_features)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_rotation(x))
+
+
+def _install_online_r4(model: LlamaForCausalLM) -> None:
+    for layer in model.model.layers:
+        if not isinstance(layer.mlp.down_proj, HadamardInputLinear):
+            layer.mlp.down_proj = HadamardInputLinear.wrap(layer.mlp.down_proj)
+    setattr(model.config, ONLINE_R4_KEY, True)
+
+
+def has_online_r4(model: LlamaForCausalLM) -> bool:
+    return bool(getattr(model.config, ONLINE_R4_KEY, False))
+
+
+def restore_online_rotations(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Re-install the online R4 modules a saved rotated model needs (its config carries the flag)."""
+    if has_online_r4(model):
+        _install_online_r4(model)
+    return model
+
+
+def _check_shape(name: str, q: torch.Tensor, n: int) -> None:
+    if tuple(q.shape) != (n, n):
+        raise SpinQuantError(f"{name} has shape {tuple(q.shape)}, the model needs ({n}, {n})")
+
+
+@torch.no_grad()
+def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM:
+    """Fuse ``rot`` into the weights of a norm-fused, untied model, in place (float64 arithmetic).
+
+    R1: embedding rows and every residual reader (q/k/v/gate/up/lm_head) ``W @ R1``; residual writers
+    (o_proj, down_proj) ``R1ᵀ @ W``. R2: v_proj output per kv head ``R2ᵀ @ W_h``, o_proj input per
+    attention head ``W_h @ R2`` (GQA: one R2 per layer shared by all heads). R4: down_proj ``W @ H``
+    plus an online ``x @ H`` before it.
+    """
+    cfg = model.config
+    if rot.r1 is not None and not norms_are_fused(model):
+        raise SpinQuantError("R1 needs fused RMSNorms (a norm with a scale does not commute with rotation): call fuse_norms first")
+    hd = head_dim(cfg)
+    if rot.r1 is not None:
+        _check_shape("R1", rot.r1, cfg.hidden_size)
+        r1 = rot.r1.double()
+        emb = model.model.embed_tokens.weight
+        emb.copy_((emb.double() @ r1.to(emb.device)).to(emb.dtype))
+        model.lm_head.weight.copy_(rotate_input(model.lm_head.weight, r1))
+    if rot.r2 and len(rot.r2) != cfg.num_hidden_layers:
+        raise SpinQuantError(f"{len(rot.r2)} R2 matrices for a model with {cfg.num_hidden_layers} layers")
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if rot.r1 is not None:
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                lin.weight.copy_(rotate_input(lin.weight, r1))
+            for lin in (attn.o_proj, mlp.down_proj):
+                lin.weight.copy_(rotate_output(lin.weight, r1))
+        if rot.r2:
+            r2 = rot.r2[i].double()
+            _check_shape(f"R2 of layer {i}", r2, hd)
+            wv = attn.v_proj.weight
+            v = wv.double().view(-1, hd, wv.shape[1])  # (n_kv, hd, dim)
+            wv.copy_(torch.einsum("ji,hjd->hid", r2.to(wv.device), v).reshape(wv.shape).to(wv.dtype))
+            wo = attn.o_proj.weight
+            o = wo.double().view(wo.shape[0], -1, hd)  # (dim, n_heads, hd)
+            wo.copy_((o @ r2.to(wo.device)).reshape(wo.shape).to(wo.dtype))
+        if rot.r4:
+            h4 = hadamard_matrix(mlp.down_proj.in_features, "R4 (intermediate size)")
+            mlp.down_proj.weight.copy_(rotate_input(mlp.down_proj.weight, h4))
+    if rot.r4:
+        _install_online_r4(model)
+    return model
+
+
+def fuse_and_rotate(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM:
+    """Norm fusion then rotations: the full function-preserving transform, in place."""
+    return apply_rotations(fuse_norms(model), rot)
+
+
+# --- R.bin -------------------------------------------------------------------------------------
+
+ORTHOGONALITY_TOL = 1e-4
+
+
+def save_rbin(rot: Rotations, path) -> None:
+    """Write R.bin in the SpinQuant layout: {"R1": (dim, dim), "model.layers.{i}.self_attn.R2": (hd, hd)}, float32."""
+    state: dict[str, torch.Tensor] = {}
+    if rot.r1 is not None:
+        state["R1"] = rot.r1.to(torch.float32).contiguous()
+    for i, r2 in enumerate(rot.r2):
+        state[f"model.layers.{i}.self_attn.R2"] = r2.to(torch.float32).contiguous()
+    for name, q in state.items():
+        err = orthogonality_error(q)
+        if err > ORTHOGONALITY_TOL:
+            raise SpinQuantError(f"refusing to save {name}: not orthogonal (max|QᵀQ-I| = {err:.2e})")
+    torch.save(state, path)
+
+
+def load_rbin(path, r4: bool = True) -> Rotations:
+    """Read an R.bin (SpinQuant layout), checking each matrix is orthogonal. R4 is not stored; pass it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise SpinQuantError(f"no such rotation file: {path}") from exc
+    except Exception as exc:
+        raise SpinQuantError(f"cannot read rotation file {path} (corrupt or not a torch file): {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpinQuantError(f"{path} is not an R.bin: expected a dict of tensors")
+    for name, q in state.items():
+        if q.ndim != 2 or q.shape[0] != q.shape[1]:
+            raise SpinQuantError(f"{path}: {name} is not a square matrix (shape {tuple(q.shape)})")
+        err = orthogonality_error(q)
+        if err > ORTHOGONALITY_TOL:
+            raise SpinQuantError(f"{path}: {name} is not orthogonal (max|QᵀQ-I| = {err:.2e})")
+    r2_keys = sorted((k for k in state if k.endswith(".self_attn.R2")), key=lambda k: int(k.split(".")[2]))
+    return Rotations(
+        r1=state["R1"].double() if "R1" in state else None,
+        r2=[state[k].double() for k in r2_keys],
+        r4=r4,
+    )
