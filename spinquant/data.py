@@ -27,10 +27,10 @@ from spinquant.errors import SpinQuantError
 
 TEXT_SUFFIXES = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1")
-OFFLINE_HINT = (
-    "pass --calib-data PATH (a .txt/.raw, .jsonl or .parquet file, or a folder of them), e.g. "
-    "wiki.valid.raw of WikiText-2"
-)
+
+def offline_hint(flag: str) -> str:
+    return f"pass {flag} PATH (a local .txt/.raw, .jsonl or .parquet file, or a folder of them, e.g. WikiText-2's wiki.*.raw)"
+
 
 
 def _check_text_file(path: Path) -> None:
@@ -69,8 +69,11 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return TEXT_SUFFIXES[files[0].suffix], [str(f) for f in files]
 
 
-def load_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows (dicts) of a data source. Text files give {"text": line-with-newline}, blank lines as ""."""
+def load_rows(spec: str, split: str = "train", flag: str = "--calib-data") -> list[dict[str, Any]]:
+    """Rows (dicts) of a data source. Text files give {"text": line-with-newline}, blank lines as "".
+
+    ``flag`` is the CLI option named in the error when the hub cannot be reached.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -79,7 +82,7 @@ def load_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
             try:
                 ds = datasets.load_dataset(*WIKITEXT_HUB, split=split)
             except Exception as exc:  # offline: ConnectionError, DatasetNotFoundError, ...
-                raise SpinQuantError(f"cannot load WikiText-2 from the Hugging Face hub (offline?): {OFFLINE_HINT}") from exc
+                raise SpinQuantError(f"cannot load WikiText-2 from the Hugging Face hub (offline?): {offline_hint(flag)}") from exc
         elif spec.startswith("hub:"):
             parts = spec[4:].split(":")
             name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
@@ -87,7 +90,7 @@ def load_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
             try:
                 ds = datasets.load_dataset(name, config, split=hub_split)
             except Exception as exc:
-                raise SpinQuantError(f"cannot load hub dataset {spec[4:]} ({type(exc).__name__}): {OFFLINE_HINT}") from exc
+                raise SpinQuantError(f"cannot load hub dataset {spec[4:]} ({type(exc).__name__}): {offline_hint(flag)}") from exc
         else:
             builder, files = _local_files(Path(spec).expanduser())
             kwargs = {"keep_linebreaks": True} if builder == "text" else {}

@@ -27,7 +27,7 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 def evaluation_ids(tokenizer: Any, data: str = "wikitext2", text_field: str = "text") -> torch.Tensor:
     """The 1-D token stream of the evaluation text (``wikitext2`` = the hub's test split, or a local file)."""
-    rows = load_rows(data, split="test")
+    rows = load_rows(data, split="test", flag="--data")
     return tokenize_stream(tokenizer, rows_to_texts(rows, text_field, tokenizer, template="none"), add_special_tokens=True)
 
 

@@ -48,9 +48,12 @@ def _meta_checkpoint_file(path: Path) -> Path | None:
 
 
 def describe_source(source: str | os.PathLike) -> str:
-    """'hf' (a local HF directory), 'meta' (a Meta checkpoint) or 'hub' (a hub id); errors otherwise."""
+    """'hf' (a local HF directory), 'meta' (a Meta checkpoint), 'run' (a spinquant quantized run directory)
+    or 'hub' (a hub id); errors otherwise."""
     path = Path(source).expanduser()
     if path.exists():
+        if (path / "quant_config.json").is_file():
+            return "run"
         if _meta_checkpoint_file(path) is not None:
             return "meta"
         if path.is_dir() and (path / "config.json").is_file():
@@ -301,8 +304,15 @@ def save_meta(model: LlamaForCausalLM, out_dir: str | os.PathLike) -> None:
 
 
 def load_model(source: str | os.PathLike) -> LlamaForCausalLM:
-    """Load any supported source into the canonical form: float32 LlamaForCausalLM, untied, eval mode."""
+    """Load any supported source into the canonical form: float32 LlamaForCausalLM, untied, eval mode.
+
+    A quantized run directory loads as its fake-quantized model (weights fixed to their integers).
+    """
     kind = describe_source(source)
+    if kind == "run":
+        from spinquant.run_dir import load_run
+
+        return load_run(source)
     if kind == "meta":
         return load_meta(source)
     return load_hf(source, local_only=kind == "hf")

@@ -1,0 +1,1 @@
+"""Quantization: formulas (primitives), the scheme (scheme), fake-quant modules, range setting, GPTQ."""

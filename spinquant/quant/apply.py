@@ -1,0 +1,166 @@
+"""Quantize a (rotated) model's weights: RTN or GPTQ, each with or without range setting.
+
+GPTQ runs decoder layer by decoder layer over the calibration windows; each layer's inputs come
+from the already-quantized layers before it (weights and activations fake-quantized), and inside a
+layer the linears are quantized in execution order ([q,k,v] -> o -> [gate,up] -> down, "true
+sequential"), so every Hessian sees the inputs the quantized model will really produce. Only one
+layer's Hessians are alive at a time. q/k/v (and gate/up) share one input, hence one Hessian.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
+from spinquant.quant.gptq import HessianAccumulator, gptq_quantize
+from spinquant.quant.primitives import dequantize_weight, quantize_weight
+from spinquant.quant.range_setting import choose_scales
+from spinquant.quant.scheme import FLOAT, QuantScheme
+
+# execution order of a decoder layer's linears; the first of each group is observed for the group's Hessian
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass
+class WeightQuantConfig:
+    """How the integers are chosen: method 'gptq' or 'rtn'; clip_search = range setting on/off."""
+
+    method: str = "gptq"
+    clip_search: bool = True
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    batch_size: int = 8
+    stats: dict = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised by an observer once the inputs it needs are captured: the rest of the layer is skipped."""
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@torch.no_grad()
+def quantize_embedding(model: LlamaForCausalLM, scheme: QuantScheme, clip_search: bool) -> None:
+    if scheme.embedding_bits >= FLOAT:
+        return
+    w = model.model.embed_tokens.weight.float()
+    scales = choose_scales(w, scheme.embedding_bits, None, clip_search)  # (vocab, 1)
+    set_embedding_quantized(model, quantize_weight(w, scales, scheme.embedding_bits, None), scales[:, 0])
+
+
+@torch.no_grad()
+def rtn_quantize_linear(lin: QuantLinear, clip_search: bool) -> None:
+    if lin.w_bits >= FLOAT:
+        return
+    w = lin.weight.float()
+    scales = choose_scales(w, lin.w_bits, lin.group_size, clip_search)
+    lin.set_quantized(quantize_weight(w, scales, lin.w_bits, lin.group_size), scales)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """||W X - W_hat X||² / n for the calibration inputs X behind H = 2/n X Xᵀ: tr(D H Dᵀ) / 2, D = W - W_hat."""
+    d = (w - w_hat).float()
+    return 0.5 * torch.einsum("oi,ij,oj->", d, h, d).item()
+
+
+def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: WeightQuantConfig) -> None:
+    """GPTQ of linears that share one input (hence one Hessian): their rows are stacked into one matrix,
+    since GPTQ treats rows independently given H; one pass over the columns serves them all.
+
+    Records, per linear, the output reconstruction error of GPTQ and of RTN (same range setting) on
+    the same inputs in ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}``.
+    """
+    named = [(n, lin) for n, lin in named if lin.w_bits < FLOAT]
+    if not named:
+        return
+    w = torch.cat([lin.weight.detach().float() for _, lin in named])
+    bits, group = named[0][1].w_bits, named[0][1].group_size
+    q, scales = gptq_quantize(w, h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order)
+    rtn_scales = choose_scales(w, bits, group, cfg.clip_search)
+    w_rtn = dequantize_weight(quantize_weight(w, rtn_scales, bits, group), rtn_scales, group)
+    w_gptq = dequantize_weight(q, scales, group)
+    errors = cfg.stats.setdefault("output_error", {})
+    row = 0
+    for name, lin in named:
+        rows = slice(row, row + lin.out_features)
+        errors[name] = {"gptq": output_error(w[rows], w_gptq[rows], h), "rtn": output_error(w[rows], w_rtn[rows], h)}
+        lin.set_quantized(q[rows], scales[rows])
+        row += lin.out_features
+
+
+def _run_layer(layer: nn.Module, inps: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor | None:
+    """Run a decoder layer over all calibration inputs in batches; None if an observer stopped it."""
+    outs, stopped = [], False
+    for b in range(0, inps.shape[0], batch_size):
+        try:
+            outs.append(layer(inps[b : b + batch_size], attention_mask=None, position_embeddings=pos_emb))
+        except _StopForward:
+            stopped = True
+    return None if stopped else torch.cat(outs)
+
+
+def _observe(lin: QuantLinear, acc: HessianAccumulator, stop: bool) -> None:
+    def observer(x: torch.Tensor) -> None:
+        acc.add(x)
+        if stop:
+            raise _StopForward
+
+    lin.observer = observer
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True) -> None:
+    """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring)."""
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    inps = torch.cat([model.model.embed_tokens(windows[b : b + cfg.batch_size]) for b in range(0, len(windows), cfg.batch_size)])
+    pos_ids = torch.arange(windows.shape[1], device=device)[None]
+    pos_emb = model.model.rotary_emb(inps[:1], pos_ids)
+    for i, layer in enumerate(tqdm(model.model.layers, desc="gptq", unit="layer", disable=not progress)):
+        for group in SEQUENTIAL_GROUPS:
+            first = _get(layer, group[0])
+            acc = HessianAccumulator(first.in_features, device)
+            _observe(first, acc, stop=True)
+            _run_layer(layer, inps, pos_emb, cfg.batch_size)
+            first.observer = None
+            _gptq_linears([(f"model.layers.{i}.{name}", _get(layer, name)) for name in group], acc.h, cfg)
+            del acc
+        inps = _run_layer(layer, inps, pos_emb, cfg.batch_size)
+    head = model.lm_head
+    if head.w_bits < FLOAT:
+        acc = HessianAccumulator(head.in_features, device)
+        for b in range(0, inps.shape[0], cfg.batch_size):
+            acc.add(head.quantize_input(model.model.norm(inps[b : b + cfg.batch_size])))
+        _gptq_linears([("lm_head", head)], acc.h, cfg)
+
+
+def quantize_model(model: LlamaForCausalLM, scheme: QuantScheme, cfg: WeightQuantConfig,
+                   windows: torch.Tensor | None = None, progress: bool = True) -> LlamaForCausalLM:
+    """Fake-quantize ``model`` in place under ``scheme`` and fix every quantized weight to integers."""
+    t0 = time.perf_counter()
+    make_fake_quant(model, scheme)
+    model.requires_grad_(False)
+    quantize_embedding(model, scheme, cfg.clip_search)
+    if cfg.method == "gptq":
+        if windows is None:
+            raise ValueError("GPTQ needs calibration windows")
+        gptq_quantize_model(model, windows, cfg, progress)
+    elif cfg.method == "rtn":
+        for _, lin in quant_linears(model):
+            rtn_quantize_linear(lin, cfg.clip_search)
+    else:
+        raise ValueError(f"unknown method {cfg.method!r}")
+    cfg.stats["quantize_seconds"] = time.perf_counter() - t0
+    return model

@@ -1,0 +1,155 @@
+"""Fake-quantized Llama: the float model with every quantized tensor simulated exactly as ExecuTorch runs it.
+
+``make_fake_quant(model, scheme)`` swaps, in place:
+- every block linear (q/k/v/o/gate/up/down) for a :class:`QuantLinear` (A: per-token activations of
+  ``scheme.a_bits``, W: ``scheme.w_bits`` per group), keeping down_proj's online Hadamard (R4) in front
+  of the activation quantizer, as ExecuTorch's FeedForward does;
+- lm_head for a :class:`QuantLinear` (W8 per channel, A8 per token, torchao's default eps);
+- attention for the ``spinquant_sdpa`` function when the KV cache is quantized (per-token, per-head
+  asymmetric K/V, with the R3 Hadamard on Q and K before it).
+Weights start in float (``weight_mode='float'``); range setting/GPTQ fix them to integers with
+:meth:`QuantLinear.set_quantized`. Parameter names are unchanged (``...q_proj.weight``), so
+``torch.func.functional_call`` can feed rotated weights while rotations are learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from spinquant.fusion import HadamardInputLinear
+from spinquant.hadamard import OnlineHadamard, apply_hadamard
+from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
+                                        fake_quant_per_token_sym, fake_quant_weight)
+from spinquant.quant.scheme import FLOAT, QuantScheme
+
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTN_IMPL = "spinquant_sdpa"
+
+
+class QuantLinear(nn.Module):
+    """``y = F.linear(Aq(R(x)), W)``: optional online rotation R, activation fake-quant Aq, weight W.
+
+    weight_mode: 'float' (W as is), 'dynamic' (W fake-quantized round-to-nearest on every forward, with
+    STE: for learning rotations against a quantized-weight loss), 'fixed' (W = q * scales, integers set
+    by range setting / GPTQ and kept in the ``qweight`` / ``scales`` buffers for export).
+    ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
+    """
+
+    def __init__(self, linear: nn.Linear, w_bits: int, group_size: int | None, a_bits: int, a_symmetric: bool = False,
+                 a_eps: float = EPS_8DA4W, a_clip: float = 1.0, input_rotation: OnlineHadamard | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        if linear.bias is not None:
+            raise ValueError("QuantLinear supports bias-free linears (Llama) only")
+        self.w_bits, self.group_size = w_bits, group_size
+        self.a_bits, self.a_symmetric, self.a_eps, self.a_clip = a_bits, a_symmetric, a_eps, a_clip
+        self.input_rotation = input_rotation
+        self.weight_mode = "float"
+        self.register_buffer("qweight", None)
+        self.register_buffer("scales", None)
+        self.observer: Callable[[torch.Tensor], None] | None = None
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        if self.a_bits >= FLOAT:
+            return x
+        if self.a_symmetric:
+            return fake_quant_per_token_sym(x, self.a_bits, self.a_clip)
+        return fake_quant_per_token_asym(x, self.a_bits, self.a_eps, self.a_clip)
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.weight_mode == "dynamic" and self.w_bits < FLOAT:
+            return fake_quant_weight(self.weight, self.w_bits, self.group_size)
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        if self.observer is not None:
+            self.observer(x)
+        w = self.effective_weight()
+        return F.linear(x.to(w.dtype), w)
+
+    @torch.no_grad()
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        """Fix the weight to integers ``q`` (int8, (out, in)) times per-group ``scales`` (float32, (out, in/g))."""
+        self.qweight = q.to(torch.int8)
+        self.scales = scales.to(torch.float32)
+        self.weight.data = dequantize_weight(self.qweight, self.scales, self.group_size).to(self.weight.dtype)
+        self.weight.requires_grad_(False)
+        self.weight_mode = "fixed"
+
+    def extra_repr(self) -> str:
+        g = self.group_size or "channel"
+        return (f"in={self.in_features}, out={self.out_features}, W{self.w_bits} group={g} "
+                f"A{self.a_bits}{'sym' if self.a_symmetric else 'asym'}, mode={self.weight_mode}")
+
+
+def quantized_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, **kwargs):
+    """SDPA with R3 (Hadamard over head_dim) on Q and K, then K and V fake-quantized per token and head.
+
+    query/key/value: (batch, heads, T, head_dim) after RoPE, as transformers passes them.
+    """
+    bits = getattr(module, "spinquant_kv_bits", FLOAT)
+    if getattr(module, "spinquant_r3", False):
+        query, key = apply_hadamard(query), apply_hadamard(key)
+    if bits < FLOAT:
+        key = fake_quant_per_token_asym(key, bits)
+        value = fake_quant_per_token_asym(value, bits)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, quantized_kv_attention)
+
+
+def make_fake_quant(model: LlamaForCausalLM, scheme: QuantScheme) -> LlamaForCausalLM:
+    """Swap in QuantLinear modules and the KV-quant attention, in place (see module docstring)."""
+    scheme.check_model(model.config)
+    for layer in model.model.layers:
+        for name in BLOCK_LINEARS:
+            parent_name, attr = name.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, attr)
+            if isinstance(lin, QuantLinear):
+                continue
+            rot = lin.input_rotation if isinstance(lin, HadamardInputLinear) else None
+            setattr(parent, attr, QuantLinear(lin, scheme.w_bits, scheme.group, scheme.a_bits, scheme.a_symmetric,
+                                              EPS_8DA4W, scheme.a_clip, rot))
+        attn = layer.self_attn
+        attn.spinquant_kv_bits = scheme.kv_bits
+        attn.spinquant_r3 = scheme.kv_bits < FLOAT
+    if not isinstance(model.lm_head, QuantLinear):
+        model.lm_head = QuantLinear(model.lm_head, scheme.output_w_bits, None, scheme.output_a_bits, False, EPS_8DA8W)
+    if scheme.kv_bits < FLOAT:
+        model.config._attn_implementation = ATTN_IMPL
+        for layer in model.model.layers:
+            layer.self_attn.config._attn_implementation = ATTN_IMPL
+    model.spinquant_scheme = scheme
+    return model
+
+
+def quant_linears(model: LlamaForCausalLM) -> Iterator[tuple[str, QuantLinear]]:
+    """(name, module) of every QuantLinear, block linears first in layer order, lm_head last."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and name != "lm_head":
+            yield name, mod
+    if isinstance(model.lm_head, QuantLinear):
+        yield "lm_head", model.lm_head
+
+
+@torch.no_grad()
+def set_embedding_quantized(model: LlamaForCausalLM, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Fix the embedding to int8 rows ``q`` (vocab, dim) times per-row ``scales`` (vocab,)."""
+    emb = model.model.embed_tokens
+    emb.register_buffer("qweight", q.to(torch.int8))
+    emb.register_buffer("scales", scales.to(torch.float32))
+    emb.weight.data = dequantize_weight(emb.qweight, emb.scales[:, None], None).to(emb.weight.dtype)

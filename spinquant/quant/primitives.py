@@ -1,0 +1,100 @@
+"""Quantization formulas, bit-identical to torchao 0.18 / ExecuTorch 1.5.1 (the ``.pte``'s reference).
+
+These are written out here (about 40 lines) rather than calling torchao's ``choose_qparams_affine`` /
+``quantize_affine`` because the fake-quant forward needs a straight-through estimator for learning
+rotations and must run under autograd on any device; tests/test_quant_primitives.py checks every
+formula against torchao's own functions bit for bit.
+
+Formulas (per block = per group of a weight row, or per token of an activation):
+- symmetric weights, b bits: q = clamp(round(w * (1 / s)), -2^(b-1), 2^(b-1)-1), w_hat = q * s,
+  with s chosen by range setting (``s = clip * max|w| / (2^(b-1)-1)``; torchao's own default is
+  ``max|w| / ((qmax - qmin) / 2)``, e.g. /7.5 for int4, which clips the largest weight).
+- asymmetric per-token activations, b bits: lo = min(min x, 0), hi = max(max x, 0),
+  s = max((hi - lo) / (2^b - 1), eps), z = clamp(qmin - round(lo / s), qmin, qmax),
+  q = clamp(round(x * (1 / s)) + z, qmin, qmax), x_hat = (q - z) * s.
+  eps = float32 machine epsilon in the 4-bit-weight linears, float32 smallest normal in the
+  8-bit output layer (torchao's default) -- exactly as ExecuTorch's two linears do.
+- symmetric per-token activations (research settings): s = max|x| / (2^(b-1)-1).
+``round`` is round-half-to-even (torch.round), as in torchao.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS_8DA4W = torch.finfo(torch.float32).eps  # Int8DynActInt4WeightLinear's per-token eps
+EPS_8DA8W = torch.finfo(torch.float32).smallest_normal  # Int8DynActInt8WeightLinear's (torchao default)
+
+
+def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+    """(qmin, qmax) of a signed b-bit integer: int4 -> (-8, 7), int8 -> (-128, 127)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(out, in) -> (out, in / g, g); per-channel (group None) -> (out, 1, in)."""
+    out_f, in_f = w.shape
+    g = in_f if not group_size else group_size
+    return w.reshape(out_f, in_f // g, g)
+
+
+def weight_absmax(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """max |w| per group: (out, in / g)."""
+    return _grouped(w, group_size).abs().amax(dim=-1)
+
+
+def weight_scales(w: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Symmetric scales (out, in / g) = clip * max|w| / qmax, floored at a tiny positive value for all-zero groups."""
+    _, qmax = qrange(bits)
+    return (clip * weight_absmax(w, group_size) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Integers q (int8 tensor, (out, in)) of w under per-group scales (out, in / g)."""
+    qmin, qmax = qrange(bits)
+    q = torch.clamp(torch.round(_grouped(w, group_size) * (1.0 / scales[..., None])), qmin, qmax)
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int | None, dtype=torch.float32) -> torch.Tensor:
+    """q * s per group, in ``dtype`` (torchao's dequantize_affine with zero point 0)."""
+    qg = _grouped(q.to(dtype), group_size)
+    return (qg * scales.to(dtype)[..., None]).reshape(q.shape)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Round-to-nearest fake quantization of a weight with STE (used while learning rotations at W4)."""
+    qmin, qmax = qrange(bits)
+    s = weight_scales(w.detach(), bits, group_size, clip)[..., None]
+    wg = _grouped(w, group_size)
+    return (torch.clamp(round_ste(wg / s), qmin, qmax) * s).reshape(w.shape)
+
+
+def fake_quant_per_token_asym(x: torch.Tensor, bits: int, eps: float = EPS_8DA4W, clip: float = 1.0) -> torch.Tensor:
+    """torchao's per_token_dynamic_quant (asymmetric, per last-dim row), STE through the rounding.
+
+    Computed in float32 whatever the input dtype, returned in the input dtype.
+    """
+    dtype = x.dtype
+    x = x.float()
+    qmin, qmax = qrange(bits)
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True) * clip, max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True) * clip, min=0.0)
+    s = torch.clamp((hi - lo) / float(qmax - qmin), min=eps).detach()
+    z = torch.clamp(qmin - torch.round(lo / s), qmin, qmax).detach()
+    q = torch.clamp(round_ste(x * (1.0 / s)) + z, qmin, qmax)
+    return ((q - z) * s).to(dtype)
+
+
+def fake_quant_per_token_sym(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Symmetric per-token fake quantization (research settings), STE."""
+    dtype = x.dtype
+    x = x.float()
+    qmin, qmax = qrange(bits)
+    s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * clip / qmax, min=EPS_8DA4W).detach()
+    return (torch.clamp(round_ste(x / s), qmin, qmax) * s).to(dtype)
