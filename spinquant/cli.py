@@ -159,6 +159,32 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
 
 
+@cli.command("export")
+@click.option("--from", "run_dir", required=True, help="Run directory written by spinquant quantize.")
+@click.option("--out", "out_dir", default=None, help="Where to write (default: the run directory).")
+@click.option("--pte/--no-pte", default=True, show_default=True, help="Also build model.pte with executorch's export_llama and verify it.")
+@click.option("--verify-data", default=None, help="Text to verify the .pte on (default: the run's calibration text, else WikiText-2).")
+@click.option("--verify-windows", default=4, show_default=True)
+@click.option("--verify-seqlen", default=512, show_default=True)
+@click.option("--max-seq-len", default=2048, show_default=True, help="The .pte's maximum sequence length.")
+@click.option("--full-logits", is_flag=True, help="Export a .pte that returns logits for every position (for evaluation).")
+@friendly_errors
+def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen, max_seq_len, full_logits) -> None:
+    """ExecuTorch checkpoint (consolidated.00.pth + params.json) and a verified model.pte."""
+    from spinquant.pipeline import export_run
+
+    r = export_run(run_dir, out_dir, pte=pte, verify_data=verify_data, verify_windows=verify_windows,
+                   verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits)
+    click.echo(f"wrote {r['checkpoint']} and {r['params']} (preq_mode {r['preq_mode']}, group {r['group_size']}, "
+               f"spin_quant {'native' if r['spin_quant'] else 'off'})")
+    if pte:
+        v = r["verification"]
+        click.echo(f"wrote {r['pte']} ({r['pte_bytes'] / 2**20:.1f} MiB) in {r['export']['seconds']:.0f} s; verified on "
+                   f"{v['windows']} x {v['seqlen']} tokens of {v['data']}: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+                   f"perplexity {v['ppl_pte']:.3f} (.pte) vs {v['ppl_ours']:.3f} (ours), max relative logit difference "
+                   f"{v['max_rel_logit_diff']:.2e}")
+
+
 def main() -> None:
     cli(prog_name="spinquant")
 

@@ -56,6 +56,20 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
     return run
 
 
+def cached_logits_fn(fn: LogitsFn) -> LogitsFn:
+    """Memoise a (reference) model's logits by input ids, on CPU: evaluate many models against one reference
+    while running it once per window (memory: windows x seqlen x vocab floats)."""
+    cache: dict[bytes, torch.Tensor] = {}
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        key = ids.cpu().numpy().tobytes()
+        if key not in cache:
+            cache[key] = fn(ids).float().cpu()
+        return cache[key]
+
+    return run
+
+
 @dataclass
 class EvalResult:
     """ppl over ``tokens`` predicted tokens; kl (nats/token, KL(reference || model)) and top1 when a reference was given."""

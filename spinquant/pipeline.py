@@ -60,25 +60,45 @@ def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True) -
 def evaluate_model(model_src: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
                    reference_src: str | None = None, tokenizer_src: str | None = None, text_field: str = "text",
                    progress: bool = True) -> EvalResult:
-    """Perplexity of a model (and KL/top-1 against a reference) on the evaluation text's windows."""
-    describe_source(model_src)
+    """Perplexity of a model (and KL/top-1 against a reference) on the evaluation text's windows.
+
+    ``model_src``: anything :func:`load_model` reads, or a ``.pte`` (run through executorch's runtime;
+    its tokenizer is looked for beside it).
+    """
+    is_pte = str(model_src).endswith(".pte")
+    if not is_pte:
+        describe_source(model_src)
     if reference_src is not None:
         describe_source(reference_src)
-    tokenizer = try_load_tokenizer(model_src, tokenizer_src)
+    tok_home = str(Path(model_src).parent) if is_pte else model_src
+    tokenizer = try_load_tokenizer(tok_home, tokenizer_src)
     if tokenizer is None and reference_src is not None:
         tokenizer = try_load_tokenizer(reference_src)
     if tokenizer is None:
         raise SpinQuantError(f"{model_src} has no tokenizer: pass --tokenizer DIR")
-    model = load_model(model_src)
-    check_seqlen(seqlen, getattr(model.config, "max_position_embeddings", None))
+    if is_pte:
+        from spinquant.pte import PteModel
+
+        pte = PteModel(model_src)
+        model_fn, vocab, max_pos = pte, pte.vocab_size, None
+    else:
+        model = load_model(model_src)
+        model_fn, vocab, max_pos = hf_logits_fn(model), model.config.vocab_size, getattr(model.config, "max_position_embeddings", None)
+    check_seqlen(seqlen, max_pos)
     windows = evaluation_windows(evaluation_ids(tokenizer, data, text_field), seqlen, max_windows)
     reference = None
     if reference_src is not None:
         ref_model = load_model(reference_src)
-        if ref_model.config.vocab_size != model.config.vocab_size:
-            raise SpinQuantError(f"the reference's vocabulary ({ref_model.config.vocab_size}) differs from the model's ({model.config.vocab_size})")
+        if ref_model.config.vocab_size != vocab:
+            raise SpinQuantError(f"the reference's vocabulary ({ref_model.config.vocab_size}) differs from the model's ({vocab})")
         reference = hf_logits_fn(ref_model)
-    return evaluate(hf_logits_fn(model), windows, reference, progress=progress)
+    try:
+        return evaluate(model_fn, windows, reference, progress=progress)
+    except RuntimeError as exc:
+        if is_pte:
+            raise SpinQuantError(f"executorch failed to run {model_src} on windows of {seqlen} tokens ({exc}); a .pte "
+                                 f"exported with --max-seq-len N takes windows of at most N - 1 tokens") from exc
+        raise
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,3 +198,105 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         if not torch.equal(got, expected):
             raise SpinQuantError(f"verification failed: the saved run reproduces the logits only to {max_rel_diff(got, expected):.2e}")
     return config
+
+
+def verification_windows(run_dir: Path, tokenizer: Any, data: str | None, n: int, seqlen: int) -> tuple[torch.Tensor, str]:
+    """Windows to compare our model and the .pte on: ``data``, else the run's local calibration text, else
+    WikiText-2 from the hub, else (offline, nothing local) seeded random tokens."""
+    import json as _json
+
+    from spinquant.evaluate import evaluation_ids, evaluation_windows
+
+    candidates = [data] if data else []
+    calib = (_json.loads((run_dir / "quant_config.json").read_text()).get("calibration") or {}) if (run_dir / "quant_config.json").is_file() else {}
+    if calib.get("source") and Path(calib["source"]).exists():
+        candidates.append(calib["source"])
+    candidates.append("wikitext2")
+    for source in candidates:
+        try:
+            ids = evaluation_ids(tokenizer, source)
+            return evaluation_windows(ids, seqlen, n), source
+        except SpinQuantError:
+            if source == data:
+                raise
+    vocab = len(tokenizer) if tokenizer is not None else 256
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0)), "random tokens (no text available offline)"
+
+
+def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
+    """Max relative logit difference, top-1 agreement and both perplexities over ``windows``."""
+    import math
+
+    import torch.nn.functional as F
+
+    max_rel, agree, count, nll_a, nll_b = 0.0, 0, 0, 0.0, 0.0
+    for w in windows:
+        a = ours(w[None])[0].float()
+        b = theirs(w[None])[0].float()
+        max_rel = max(max_rel, max_rel_diff(b, a))
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        count += a.shape[0]
+        t = w[1:]
+        nll_a += F.cross_entropy(a[:-1], t, reduction="sum").item()
+        nll_b += F.cross_entropy(b[:-1], t, reduction="sum").item()
+    n_pred = windows.shape[0] * (windows.shape[1] - 1)
+    return {"max_rel_logit_diff": max_rel, "top1_agreement": agree / count, "ppl_ours": math.exp(nll_a / n_pred),
+            "ppl_pte": math.exp(nll_b / n_pred)}
+
+
+def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verify_data: str | None = None,
+               verify_windows: int = 4, verify_seqlen: int = 512, max_seq_len: int = 2048, full_logits: bool = False,
+               min_top1: float = 0.99, max_ppl_rel: float = 0.01) -> dict[str, Any]:
+    """Write the ExecuTorch checkpoint of a run (and a verified .pte). Checks everything before any work."""
+    import json as _json
+
+    from spinquant.atomic import atomic_file
+    from spinquant.evaluate import hf_logits_fn
+    from spinquant.export import CHECKPOINT, PARAMS, check_exportable, executorch_params, executorch_state_dict
+    from spinquant.fusion import has_online_r4
+    from spinquant.pte import PteModel, run_export_llama
+    from spinquant.quant.scheme import QuantScheme
+    from spinquant.run_dir import is_run_dir, load_run, read_quant_config
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SpinQuantError(f"no such run directory: {run}")
+    if not is_run_dir(run):
+        raise SpinQuantError(f"{run} is not a quantized run (no quant_config.json): make one with spinquant quantize")
+    scheme = QuantScheme.from_dict(read_quant_config(run)["scheme"])
+    model = load_run(run)
+    mode = check_exportable(model, scheme)
+    out = Path(out_dir) if out_dir else run
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / CHECKPOINT) as tmp:
+        torch.save(executorch_state_dict(model, scheme), tmp)
+    with atomic_file(out / PARAMS) as tmp:
+        tmp.write_text(_json.dumps(executorch_params(model, scheme), indent=2))
+    result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
+                              "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
+    if not pte:
+        return result
+    cfg = model.config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    tokenizer = try_load_tokenizer(str(run))
+    with atomic_file(out / "model.pte") as tmp_pte:
+        result["export"] = run_export_llama(out, tmp_pte, mode, scheme.group, has_online_r4(model), cfg.bos_token_id,
+                                            eos, max_seq_len, full_logits, log_file=out / "export_llama.log")
+        seqlen = min(verify_seqlen, max_seq_len - 1)
+        windows, source = verification_windows(run, tokenizer, verify_data, verify_windows, seqlen)
+        metrics = compare_logits(hf_logits_fn(model), PteModel(tmp_pte), windows)
+        metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
+        result["verification"] = metrics
+        ppl_rel = abs(metrics["ppl_pte"] / metrics["ppl_ours"] - 1)
+        ok = metrics["top1_agreement"] >= min_top1 and ppl_rel <= max_ppl_rel
+        result["verified"] = ok
+        (out / "verification.json").write_text(_json.dumps(result, indent=2))
+        if not ok:
+            raise SpinQuantError(
+                f"the .pte does not match our fake-quant model: top-1 agreement {metrics['top1_agreement']:.4f} "
+                f"(need >= {min_top1}), perplexity {metrics['ppl_pte']:.3f} vs {metrics['ppl_ours']:.3f} "
+                f"({100 * ppl_rel:.2f}%, need <= {100 * max_ppl_rel:.2f}%); details in {out / 'verification.json'}")
+    result["pte"] = str(out / "model.pte")
+    result["pte_bytes"] = (out / "model.pte").stat().st_size
+    (out / "verification.json").write_text(_json.dumps(result, indent=2))
+    return result

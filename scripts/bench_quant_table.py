@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Quality table of the quantization core on a model (default: the reference model in ../shared).
+
+Rows: float32, bf16; for Meta's 8da4w scheme and for W4A4KV4, each of RTN, RTN+clip and GPTQ+clip,
+without rotation and after a random Hadamard R1/R2/R4 (R3 too under KV4). Columns: WikiText-2 test
+perplexity, KL(float || quantized) in nats/token and top-1 agreement on the same windows, and the
+wall time of each quantization. Writes benchmarks/results/quant_table.{md,json}.
+
+    python scripts/bench_quant_table.py --windows 40 --nsamples 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spinquant.data import CalibrationSet, calibration_windows
+from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
+from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.models import load_model, load_tokenizer
+from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.scheme import META_8DA4W, W4A4KV4
+
+SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"))
+    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--calib-data", default=str(SHARED / "data/wikitext-2-raw/wiki.valid.raw"))
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=40, help="evaluation windows (first N of the test text)")
+    ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+
+    tok = load_tokenizer(args.model)
+    base = load_model(args.model)
+    windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
+    calib = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen,
+                                               seed=args.seed), tok)
+    reference = cached_logits_fn(hf_logits_fn(base))
+    rows = []
+
+    def record(name, scheme, rotation, method, model, seconds):
+        t = time.perf_counter()
+        r = evaluate(hf_logits_fn(model), windows, reference, progress=False)
+        row = {"setting": name, "scheme": scheme, "rotation": rotation, "method": method, "ppl": r.ppl, "kl": r.kl,
+               "top1": r.top1, "quantize_s": seconds, "eval_s": time.perf_counter() - t}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    record("float32", "-", "-", "-", base, 0.0)
+    record("bf16", "-", "-", "-", copy.deepcopy(base).to(torch.bfloat16), 0.0)
+    for scheme_name, scheme in (("8da4w (Meta)", META_8DA4W), ("W4A4KV4", W4A4KV4)):
+        for rotation in ("none", "hadamard"):
+            for method, clip in (("rtn", False), ("rtn", True), ("gptq", True)):
+                model = copy.deepcopy(base)
+                t = time.perf_counter()
+                if rotation == "hadamard":
+                    fuse_and_rotate(model, Rotations.random_hadamard(model, args.seed))
+                quantize_model(model, scheme, WeightQuantConfig(method=method, clip_search=clip), calib, progress=False)
+                label = {("rtn", False): "RTN", ("rtn", True): "RTN+clip", ("gptq", True): "GPTQ+clip"}[(method, clip)]
+                record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)
+
+    machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+              f"{'cuda' if torch.cuda.is_available() else 'cpu'})"
+    command = "python " + " ".join(sys.argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows}, indent=2))
+    lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Evaluation: WikiText-2 test, first {windows.shape[0]} windows of {args.seqlen} tokens ({windows.shape[0] * (args.seqlen - 1)} "
+             f"predicted tokens); KL(float32 || model) in nats/token; GPTQ calibration: {args.nsamples} x {args.seqlen} tokens of "
+             f"{Path(args.calib_data).name}.", "",
+             "| scheme | rotation | method | PPL | KL | top-1 | quantize time (s) |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['scheme'] if r['scheme'] != '-' else r['setting']} | {r['rotation']} | {r['method']} | {r['ppl']:.2f} | "
+                     f"{r['kl']:.4f} | {100 * r['top1']:.2f}% | {r['quantize_s']:.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

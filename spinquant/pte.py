@@ -1,0 +1,112 @@
+"""Driving executorch: its own ``export_llama`` (unmodified, as a subprocess) and its runtime.
+
+The ``.pte`` is produced exactly as a user would produce it by hand from our checkpoint:
+``python -m executorch.examples.models.llama.export_llama --preq_mode ... --use_spin_quant native``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spinquant.errors import SpinQuantError
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def export_command(ckpt: Path, params: Path, out_pte: Path, mode: str, group_size: int, spin: bool, bos: int | None,
+                   eos: list[int], max_seq_len: int, full_logits: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--model", "llama3_2",
+           "--checkpoint", str(ckpt), "--params", str(params), "-d", "fp32", "-X", "--xnnpack-extended-ops", "-kv",
+           "--use_sdpa_with_kv_cache", "--preq_mode", mode, "--preq_group_size", str(group_size),
+           "--preq_embedding_quantize", "8,0", "--max_seq_length", str(max_seq_len), "--max_context_length",
+           str(max_seq_len), "--output_name", str(out_pte)]
+    if spin:
+        cmd += ["--use_spin_quant", "native"]
+    if full_logits:
+        cmd += ["--generate_full_logits"]
+    meta = {"get_eos_ids": eos}
+    if bos is not None:
+        meta["get_bos_id"] = bos
+    cmd += ["--metadata", json.dumps(meta)]
+    return cmd
+
+
+def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, spin: bool, bos: int | None,
+                     eos: list[int], max_seq_len: int = DEFAULT_MAX_SEQ_LEN, full_logits: bool = False,
+                     log_file: Path | None = None) -> dict[str, Any]:
+    """Run executorch's export_llama on ``ckpt_dir``'s checkpoint; write the .pte to ``out_pte``.
+
+    The checkpoint is first linked into a fresh temp folder whose path holds neither "int8" nor
+    "8da4w" (either string switches executorch's loader to another, broken, branch).
+    """
+    try:
+        import executorch  # noqa: F401
+    except ImportError as exc:
+        raise SpinQuantError("the .pte export needs executorch: pip install 'executorch==1.5.1' (or pass --no-pte)") from exc
+    work = Path(tempfile.mkdtemp(prefix="spinquant-export-"))
+    try:
+        for name in ("consolidated.00.pth", "params.json"):
+            os.symlink((ckpt_dir / name).resolve(), work / name)
+        cmd = export_command(work / "consolidated.00.pth", work / "params.json", work / "model.pte", mode, group_size,
+                             spin, bos, eos, max_seq_len, full_logits)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        seconds = time.perf_counter() - t
+        if log_file is not None:
+            log_file.write_text(f"$ {' '.join(cmd)}\n\n{proc.stdout}\n{proc.stderr}")
+        if proc.returncode != 0 or not (work / "model.pte").is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise SpinQuantError(f"executorch's export_llama failed (exit {proc.returncode}): {tail[0]}"
+                                 + (f"; full log in {log_file}" if log_file else ""))
+        shutil.move(str(work / "model.pte"), out_pte)
+        return {"seconds": seconds, "command": " ".join(cmd[1:])}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class PteModel:
+    """A .pte as a LogitsFn: ids (1, T) -> logits (1, T, vocab), through executorch's runtime.
+
+    Works for both export flavours: with full logits one call per window (T <= max_seq_len - 1), else
+    one token per call through the KV cache (the on-device decode path), position by position.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        try:
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::fast_hadamard_transform, sdpa
+            import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed::embedding_byte
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise SpinQuantError("running a .pte needs executorch: pip install 'executorch==1.5.1'") from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SpinQuantError(f"no such .pte file: {self.path}")
+        try:
+            program = Runtime.get().load_program(self.path)
+            self.method = program.load_method("forward")
+        except Exception as exc:
+            raise SpinQuantError(f"executorch cannot load {self.path}: {exc}") from exc
+        probe = self._call(torch.zeros(1, 2, dtype=torch.long), 0)
+        self.full_logits = probe.dim() == 3 and probe.shape[1] == 2
+        self.vocab_size = probe.shape[-1]
+
+    def _call(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.method.execute([tokens, torch.tensor([pos], dtype=torch.long)])[0]
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.reshape(1, -1).long()
+        if self.full_logits:
+            return self._call(ids, 0).reshape(1, ids.shape[1], -1).clone()
+        steps = [self._call(ids[:, t : t + 1], t).reshape(1, 1, -1).clone() for t in range(ids.shape[1])]
+        return torch.cat(steps, dim=1)
