@@ -185,6 +185,39 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
                    f"{v['max_rel_logit_diff']:.2e}")
 
 
+@cli.command("learn-rotations")
+@click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for R.bin, losses and the learning state.")
+@calibration_options(800)
+@click.option("--steps", default=100, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks).")
+@click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
+@click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
+@click.option("--momentum", default=0.0, show_default=True)
+@click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
+@click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
+@click.option("--a-bits", default=8, show_default=True)
+@click.option("--kv-bits", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--tokenizer", "tokenizer_src", default=None)
+@friendly_errors
+def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, steps, batch_size, micro_batch, lr, momentum,
+                        w_bits, group_size, a_bits, kv_bits, seed, save_every, device, tokenizer_src) -> None:
+    """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
+    from spinquant.pipeline import learn_rotations
+    from spinquant.rotation import LearnConfig
+
+    cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
+                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, save_every=save_every)
+    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
+    s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src)
+    if s.get("finished"):
+        click.echo(f"wrote {out_dir}/R.bin after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
+                   f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
+
+
 def main() -> None:
     cli(prog_name="spinquant")
 

@@ -300,3 +300,79 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     result["pte_bytes"] = (out / "model.pte").stat().st_size
     (out / "verification.json").write_text(_json.dumps(result, indent=2))
     return result
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; each rank takes its own GPU."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "auto", tokenizer_src: str | None = None,
+                    progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Learn R1/R2 on ``calib`` and write R.bin, losses.json and learning_curve.png into ``out_dir``.
+
+    The learning state is saved in ``out_dir`` every ``cfg.save_every`` steps; a re-run with the same
+    ``out_dir`` and options continues from it. ``stop_after`` stops after that many steps (tests).
+    """
+    import json as _json
+
+    import torch.distributed as dist
+
+    from spinquant.atomic import atomic_file
+    from spinquant.data import calibration_windows
+    from spinquant.evaluate import check_seqlen
+    from spinquant.rotation import RotationLearner, prepare_model, write_outputs
+
+    cfg.check()
+    kind = describe_source(model_src)
+    if kind == "run":
+        raise SpinQuantError(f"{model_src} is a quantized run: learn rotations on the float model")
+    out = Path(out_dir)
+    marker = out / "learn_source.json"
+    if marker.is_file() and _json.loads(marker.read_text()).get("model") != str(Path(model_src).resolve() if kind != "hub" else model_src):
+        raise SpinQuantError(f"{out} holds rotations learned for another model ({_json.loads(marker.read_text()).get('model')}): "
+                             f"use another --out directory")
+    dev = init_distributed(resolve_device(device))
+    model = load_model(model_src)
+    if has_online_r4(model):
+        raise SpinQuantError(f"{model_src} is already rotated: learn rotations on the original float model")
+    tokenizer = try_load_tokenizer(model_src, tokenizer_src)
+    if tokenizer is None:
+        raise SpinQuantError(f"{model_src} has no tokenizer, which calibration needs: pass --tokenizer DIR")
+    check_seqlen(calib.seqlen, getattr(model.config, "max_position_embeddings", None))
+    windows = calibration_windows(calib, tokenizer)
+    prepare_model(model, cfg)
+    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    if learner.rank == 0:
+        marker.write_text(_json.dumps({"model": str(Path(model_src).resolve()) if kind != "hub" else model_src}))
+    resumed_from = learner.step if learner.try_resume() else 0
+    learner.run(stop_after=stop_after)
+    summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps}
+    if learner.rank == 0 and summary["finished"]:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=".learn-", dir=out))
+        try:
+            summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev)}))
+            for name in ("R.bin", "losses.json", "learning_curve.png"):
+                if (tmp / name).exists():
+                    (tmp / name).replace(out / name)
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return summary

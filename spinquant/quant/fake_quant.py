@@ -40,6 +40,8 @@ class QuantLinear(nn.Module):
     STE: for learning rotations against a quantized-weight loss), 'fixed' (W = q * scales, integers set
     by range setting / GPTQ and kept in the ``qweight`` / ``scales`` buffers for export).
     ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
+    ``weight_override``, when set, replaces ``weight`` in the forward (rotation learning feeds the
+    rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
     """
 
     def __init__(self, linear: nn.Linear, w_bits: int, group_size: int | None, a_bits: int, a_symmetric: bool = False,
@@ -56,6 +58,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", None)
         self.register_buffer("scales", None)
         self.observer: Callable[[torch.Tensor], None] | None = None
+        self.weight_override: torch.Tensor | None = None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
@@ -67,9 +70,10 @@ class QuantLinear(nn.Module):
         return fake_quant_per_token_asym(x, self.a_bits, self.a_eps, self.a_clip)
 
     def effective_weight(self) -> torch.Tensor:
+        w = self.weight if self.weight_override is None else self.weight_override
         if self.weight_mode == "dynamic" and self.w_bits < FLOAT:
-            return fake_quant_weight(self.weight, self.w_bits, self.group_size)
-        return self.weight
+            return fake_quant_weight(w, self.w_bits, self.group_size)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Do learned rotations beat the random Hadamard they start from? (after GPTQ+clip, both schemes)
+
+For Meta's 8da4w scheme and for W4A4KV4: learn R1/R2 from the seeded random Hadamard on the
+calibration text, then GPTQ (+range setting) with the learned rotations and with the random
+Hadamard start; report WikiText-2 test PPL, KL(float || quantized) and top-1 agreement on the same
+windows, the loss curves, and the times. Writes benchmarks/results/learned_rotations.{md,json} and
+the learning curves as PNG beside them.
+
+    python scripts/bench_learned_rotations.py --steps 100 --batch-size 8 --learn-seqlen 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spinquant.data import CalibrationSet, calibration_windows
+from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
+from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.models import load_model, load_tokenizer
+from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.scheme import META_8DA4W, W4A4KV4
+from spinquant.rotation import LearnConfig, RotationLearner, plot_learning_curve, prepare_model
+
+SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"))
+    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--calib-data", default=str(SHARED / "data/wikitext-2-raw/wiki.valid.raw"))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--learn-seqlen", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1.5)
+    ap.add_argument("--gptq-nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=1024, help="GPTQ and evaluation window length")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="8da4w:16,8da4w:4,w4a4kv4:16",
+                    help="target:learning-weight-bits pairs (16 = Meta's W16 learning, 4 = learn against RTN int4 weights)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations"))
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(args.model)
+    base = load_model(args.model)
+    eval_windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
+    gptq_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.gptq_nsamples, seqlen=args.seqlen, seed=args.seed), tok)
+    learn_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.steps * args.batch_size,
+                                                       seqlen=args.learn_seqlen, seed=args.seed + 1), tok)
+    reference = cached_logits_fn(hf_logits_fn(base))
+    schemes = {"8da4w": META_8DA4W, "w4a4kv4": W4A4KV4}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, curves = [], {}
+
+    def gptq_eval(name, rot, scheme, extra):
+        model = copy.deepcopy(base)
+        fuse_and_rotate(model, rot)
+        t = time.perf_counter()
+        quantize_model(model.to(device), scheme, WeightQuantConfig(method="gptq", clip_search=True), gptq_windows, progress=False)
+        tq = time.perf_counter() - t
+        r = evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False)
+        row = {"setting": name, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "gptq_s": tq, **extra}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    done_hadamard = set()
+    for variant in args.variants.split(","):
+        target, wbits = variant.split(":")
+        scheme = schemes[target]
+        if target not in done_hadamard:
+            gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed), scheme, {"target": target})
+            done_hadamard.add(target)
+        a_bits, kv_bits = (4, 4) if target == "w4a4kv4" else (8, 16)
+        cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
+                          group_size=scheme.group or 32, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda")
+        learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False)
+        learner.run()
+        label = f"W{wbits}A{a_bits}KV{kv_bits}"
+        curves[f"{target} learned at {label}"] = learner.losses
+        plot_learning_curve(learner.losses, out.parent / f"learning_curve_{target}_{label}.png", f"{target}: learning at {label}")
+        gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
+                  {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
+                   "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})
+
+    machine = f"{platform.node()} ({os.cpu_count()} CPU cores, torch {torch.__version__}, {device})"
+    command = "python " + " ".join(sys.argv)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows,
+                                                    "losses": curves}, indent=2))
+    lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
+             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip: {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
+             f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
+             "| setting | PPL | KL | top-1 | learn time (s) | loss first 10 -> last 10 steps |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        learn = f"{r['learn_s']:.0f}" if "learn_s" in r else "-"
+        loss = f"{r['loss_first10']:.3f} -> {r['loss_last10']:.3f}" if "loss_first10" in r else "-"
+        lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {r['kl']:.4f} | {100 * r['top1']:.2f}% | {learn} | {loss} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

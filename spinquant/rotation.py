@@ -1,0 +1,300 @@
+"""Learning R1 and R2 (SpinQuant): Cayley SGD on the Stiefel manifold, weights frozen, fake-quant forward.
+
+R1 (dim, dim) and R2 (n_layers, head_dim, head_dim) are ``geoopt.ManifoldParameter``s on
+``CanonicalStiefel`` (whose retraction is the Cayley transform), optimised by ``geoopt``'s
+``RiemannianSGD`` with a cosine learning-rate decay. Both start from random Hadamard matrices.
+
+The model is prepared once: RMSNorms fused, R4 folded into down_proj with its online Hadamard, and
+every linear wrapped in the fake-quant modules of the learning scheme (default W16A8: asymmetric
+per-token int8 activations). Each step then
+1. computes the rotated weights once from the frozen float32 weights (``W R1``, ``R1ᵀ W``, per-head
+   ``R2``) as one autograd graph, and detaches them into leaf tensors;
+2. runs the micro-batches with those leaves as the linears' ``weight_override`` (gradient
+   checkpointing per decoder layer, bf16 autocast on CUDA), accumulating the leaves' gradients;
+3. back-propagates the accumulated gradients through the rotation graph once, all-reduces the
+   rotation gradients across ranks (torchrun), and takes one Riemannian SGD step.
+So the rotations cost two matmul passes per step, not one per micro-batch, and the embedding is
+rotated only for the tokens of the batch. State (rotations, optimizer, scheduler, losses) is saved
+every ``save_every`` steps; a restarted run continues from the last save with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import geoopt
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from spinquant.atomic import atomic_file
+from spinquant.errors import SpinQuantError
+from spinquant.fusion import Rotations, apply_rotations, fuse_norms, head_dim, orthogonality_error, save_rbin
+from spinquant.hadamard import random_hadamard_matrix
+from spinquant.quant.fake_quant import make_fake_quant
+from spinquant.quant.scheme import FLOAT, QuantScheme
+
+STATE_FILE = "learn_state.pt"
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # W R1
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # R1ᵀ W
+
+
+@dataclass
+class LearnConfig:
+    """Meta's recipe by default: 100 steps x 8 windows of 2048 tokens (800), lr 1.5 cosine, W16A8."""
+
+    steps: int = 100
+    batch_size: int = 8
+    micro_batch: int = 1
+    lr: float = 1.5
+    momentum: float = 0.0
+    w_bits: int = FLOAT
+    group_size: int | None = 32
+    a_bits: int = 8
+    a_symmetric: bool = False
+    kv_bits: int = FLOAT
+    seed: int = 0
+    save_every: int = 10
+    grad_checkpoint: bool = True
+
+    def scheme(self) -> QuantScheme:
+        """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
+        return QuantScheme(w_bits=self.w_bits, group_size=self.group_size, a_bits=self.a_bits, a_symmetric=self.a_symmetric,
+                           kv_bits=self.kv_bits, output_w_bits=FLOAT, output_a_bits=FLOAT, embedding_bits=FLOAT)
+
+    def check(self) -> None:
+        self.scheme()  # validates bits
+        if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1 or self.batch_size % self.micro_batch:
+            raise SpinQuantError(f"need steps >= 1 and a batch size ({self.batch_size}) divisible by the micro-batch ({self.micro_batch})")
+        if self.lr <= 0:
+            raise SpinQuantError(f"learning rate {self.lr} must be positive")
+
+
+def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM:
+    """Fused norms, R4 folded (online Hadamard kept), fake-quant modules of the learning scheme; weights frozen."""
+    fuse_norms(model)
+    apply_rotations(model, Rotations(r4=True))
+    make_fake_quant(model, cfg.scheme())
+    for mod in model.modules():
+        if hasattr(mod, "weight_mode") and mod.w_bits < FLOAT:
+            mod.weight_mode = "dynamic"  # RTN fake quant of the rotated weight on every forward (STE)
+    model.requires_grad_(False)
+    return model
+
+
+def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int, hd: int) -> dict[str, torch.Tensor]:
+    """The rotated weights of every linear (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd))."""
+    out = {"lm_head.weight": base["lm_head.weight"] @ r1}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for name in READERS:
+            out[f"{p}{name}.weight"] = base[f"{p}{name}.weight"] @ r1
+        wv = out[f"{p}self_attn.v_proj.weight"]
+        out[f"{p}self_attn.v_proj.weight"] = (r2[i].T @ wv.view(-1, hd, wv.shape[1])).reshape(wv.shape)
+        wo = base[f"{p}self_attn.o_proj.weight"]
+        wo = (wo.view(wo.shape[0], -1, hd) @ r2[i]).reshape(wo.shape)
+        out[f"{p}self_attn.o_proj.weight"] = r1.T @ wo
+        out[f"{p}mlp.down_proj.weight"] = r1.T @ base[f"{p}mlp.down_proj.weight"]
+    return out
+
+
+class RotationLearner:
+    """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring."""
+
+    def __init__(self, model: LlamaForCausalLM, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
+                 state_dir: Path | None = None, progress: bool = True) -> None:
+        cfg.check()
+        self.cfg, self.device, self.state_dir, self.progress = cfg, device, state_dir, progress
+        self.model = model.to(device)
+        self.windows = windows
+        config = model.config
+        self.n_layers, self.hd = config.num_hidden_layers, head_dim(config)
+        names = ["lm_head.weight"] + [f"model.layers.{i}.{n}.weight" for i in range(self.n_layers) for n in READERS + WRITERS]
+        params = dict(model.named_parameters())
+        self.base = {n: params[n].detach().float() for n in names}
+        self.embedding = params["model.embed_tokens.weight"].detach()
+        modules = dict(model.named_modules())
+        self.linears = {n: modules[n[: -len(".weight")]] for n in names}
+        r1 = random_hadamard_matrix(config.hidden_size, cfg.seed, "R1 (hidden size)").float()
+        r2 = torch.stack([random_hadamard_matrix(self.hd, cfg.seed * 1_000_003 + 1 + i, "R2 (head_dim)").float()
+                          for i in range(self.n_layers)])
+        manifold = geoopt.CanonicalStiefel()
+        self.r1 = geoopt.ManifoldParameter(r1.to(device), manifold=manifold)
+        self.r2 = geoopt.ManifoldParameter(r2.to(device), manifold=manifold)
+        self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, momentum=cfg.momentum, stabilize=None)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
+        self.step = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if cfg.grad_checkpoint:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # activates checkpointing; Llama has no dropout
+
+    # --- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "r1": self.r1.detach().cpu(), "r2": self.r2.detach().cpu(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg),
+                "windows_digest": _digest(self.windows)}
+
+    def save_state(self) -> None:
+        if self.state_dir is None or self.rank != 0:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.state_dir / STATE_FILE) as tmp:
+            torch.save(self.state(), tmp)
+
+    def try_resume(self) -> bool:
+        """Continue from ``state_dir``'s saved state if there is one for the same configuration and data."""
+        if self.state_dir is None or not (self.state_dir / STATE_FILE).is_file():
+            return False
+        try:
+            st = torch.load(self.state_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise SpinQuantError(f"cannot read {self.state_dir / STATE_FILE} (corrupt?): delete it to start over") from exc
+        if st["config"] != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
+            raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
+                                 f"calibration set: use another --out directory or delete {STATE_FILE}")
+        with torch.no_grad():
+            self.r1.copy_(st["r1"].to(self.device))
+            self.r2.copy_(st["r2"].to(self.device))
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.step, self.losses, self.seconds = st["step"], list(st["losses"]), st["seconds"]
+        return True
+
+    # --- learning ------------------------------------------------------------------------------
+    def _batch(self, step: int) -> torch.Tensor:
+        n = self.windows.shape[0]
+        idx = [(step * self.cfg.batch_size + j) % n for j in range(self.cfg.batch_size)]
+        return self.windows[idx]
+
+    def _micro_loss(self, r1_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``ids`` with the linears' current weight overrides."""
+        emb = F.embedding(ids, self.embedding) @ r1_emb
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = self.model(inputs_embeds=emb, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    def accumulate_gradients(self, batch: torch.Tensor) -> float:
+        """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        rotated = rotated_weights(self.base, self.r1, self.r2, self.n_layers, self.hd)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
+        r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
+        for k, leaf in leaves.items():
+            self.linears[k].weight_override = leaf
+        total = 0.0
+        try:
+            micro = [batch[i : i + cfg.micro_batch] for i in range(0, batch.shape[0], cfg.micro_batch)]
+            for k, ids in enumerate(micro):
+                if k % self.world != self.rank:
+                    continue
+                loss = self._micro_loss(r1_leaf, ids.to(self.device)) * (ids.shape[0] / batch.shape[0])
+                loss.backward()
+                total += loss.item()
+        finally:
+            for k in leaves:
+                self.linears[k].weight_override = None
+        grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in rotated]
+        torch.autograd.backward(list(rotated.values()), grads)
+        if r1_leaf.grad is not None:
+            self.r1.grad = self.r1.grad + r1_leaf.grad
+        if self.world > 1:
+            for p in (self.r1, self.r2):
+                dist.all_reduce(p.grad)
+            loss_t = torch.tensor([total], device=self.device)
+            dist.all_reduce(loss_t)
+            total = loss_t.item()
+        return total
+
+    def train_step(self) -> float:
+        """One Riemannian SGD step on the next batch; returns its loss."""
+        t = time.perf_counter()
+        total = self.accumulate_gradients(self._batch(self.step))
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.losses.append(total)
+        self.seconds += time.perf_counter() - t
+        return total
+
+    def run(self, stop_after: int | None = None) -> None:
+        """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps: for tests of resume)."""
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="learn rotations", unit="step",
+                   disable=not self.progress or self.rank != 0)
+        done = 0
+        while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
+            loss = self.train_step()
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                self.save_state()
+        bar.close()
+
+    def rotations(self) -> Rotations:
+        r1 = self.r1.detach().double().cpu()
+        r2 = [m.detach().double().cpu() for m in self.r2]
+        for name, q in [("R1", r1)] + [(f"R2[{i}]", m) for i, m in enumerate(r2)]:
+            err = orthogonality_error(q)
+            if not err < 1e-4:
+                raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
+        return Rotations(r1=r1, r2=r2, r4=True)
+
+
+def _digest(windows: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def plot_learning_curve(losses: list[float], path: Path, title: str = "") -> None:
+    """Loss per step as a PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "rotation learning")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(learner: RotationLearner, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """R.bin, losses.json and learning_curve.png into ``out`` (the caller makes ``out`` atomic)."""
+    rot = learner.rotations()
+    save_rbin(rot, out / "R.bin")
+    tokens = learner.cfg.batch_size * learner.windows.shape[1]
+    summary = {"losses": learner.losses, "steps": learner.step, "seconds": learner.seconds,
+               "steps_per_s": learner.step / learner.seconds if learner.seconds else None,
+               "tokens_per_s": learner.step * tokens / learner.seconds if learner.seconds else None,
+               "config": asdict(learner.cfg), "orthogonality_error": {"R1": orthogonality_error(rot.r1),
+                                                                      "R2_max": max(orthogonality_error(m) for m in rot.r2)},
+               **(extra or {})}
+    (out / "losses.json").write_text(json.dumps(summary, indent=2))
+    try:
+        plot_learning_curve(learner.losses, out / "learning_curve.png")
+    except ImportError:  # matplotlib is optional: the numbers are in losses.json
+        pass
+    return summary

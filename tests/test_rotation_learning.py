@@ -1,0 +1,105 @@
+"""Learning R1/R2: exact gradients, orthogonality, resume equals an uninterrupted run, CLI round trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from spinquant.cli import cli
+from spinquant.data import CalibrationSet
+from spinquant.fusion import Rotations, apply_rotations, fuse_and_rotate, fuse_norms, load_rbin, orthogonality_error
+from spinquant.models import load_model, untie_embeddings
+from spinquant.pipeline import learn_rotations
+from spinquant.quant.fake_quant import make_fake_quant
+from spinquant.rotation import LearnConfig, RotationLearner, prepare_model, rotated_weights
+
+
+def test_gradients_equal_direct_autograd(tiny_model):
+    """The once-per-step rotation graph + checkpointed micro-batches give the plain autograd gradient."""
+    untie_embeddings(tiny_model)
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = LearnConfig(steps=1, batch_size=4, micro_batch=2, w_bits=4, a_bits=8, grad_checkpoint=True)
+    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+    loss = learner.accumulate_gradients(windows)
+    g1, g2 = learner.r1.grad.clone(), learner.r2.grad.clone()
+
+    # direct: differentiable fusion of the same rotations into a fresh fake-quant model, one big batch
+    r1 = learner.r1.detach().clone().double().requires_grad_(True)
+    r2 = learner.r2.detach().clone().double().requires_grad_(True)
+    ref = copy.deepcopy(tiny_model).double()
+    fuse_norms(ref)
+    apply_rotations(ref, Rotations(r4=True))
+    make_fake_quant(ref, cfg.scheme())
+    for m in ref.modules():
+        if hasattr(m, "weight_mode") and m.w_bits < 16:
+            m.weight_mode = "dynamic"
+    params = dict(ref.named_parameters())
+    base = {k: v.detach() for k, v in params.items() if k.endswith(".weight") and "norm" not in k and "embed" not in k}
+    rotated = rotated_weights(base, r1, r2, ref.config.num_hidden_layers, 16)
+    emb = F.embedding(windows, params["model.embed_tokens.weight"].detach()) @ r1
+    out = torch.func.functional_call(ref, rotated, args=(), kwargs={"inputs_embeds": emb, "use_cache": False})
+    logits = out.logits[:, :-1]
+    direct = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    direct.backward()
+    assert abs(direct.item() - loss) < 1e-4
+    assert torch.allclose(g1.double(), r1.grad, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(g2.double(), r2.grad, rtol=1e-3, atol=1e-5)
+
+
+def _learn(model_dir, corpus_file, out, stop_after=None, steps=10):
+    cfg = LearnConfig(steps=steps, batch_size=2, micro_batch=1, lr=1.5, w_bits=4, save_every=5)
+    calib = CalibrationSet(source=str(corpus_file), nsamples=20, seqlen=48)
+    return learn_rotations(str(model_dir), str(out), cfg, calib, device="cpu", progress=False, stop_after=stop_after)
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, corpus_file, tmp_path):
+    full = _learn(tiny_model_dir, corpus_file, tmp_path / "full")
+    assert full["finished"] and full["resumed_from"] == 0
+    part = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed", stop_after=5)  # "killed" after step 5
+    assert not part["finished"] and not (tmp_path / "resumed" / "R.bin").exists()
+    rest = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed")
+    assert rest["finished"] and rest["resumed_from"] == 5
+    a, b = load_rbin(tmp_path / "full" / "R.bin"), load_rbin(tmp_path / "resumed" / "R.bin")
+    assert (a.r1 - b.r1).abs().max() < 1e-5
+    assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 1e-5
+    assert full["losses"] == pytest.approx(rest["losses"], abs=1e-6)
+    # learning moved the rotations away from the random Hadamard start, and kept them orthogonal
+    start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
+    assert (a.r1 - start.r1).abs().max() > 1e-3
+    assert orthogonality_error(a.r1) < 1e-4 and max(orthogonality_error(m) for m in a.r2) < 1e-4
+    curve = json.loads((tmp_path / "full" / "losses.json").read_text())
+    assert len(curve["losses"]) == 10 and (tmp_path / "full" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_cli_learn_then_quantize_with_learned_rotations(tiny_model_dir, corpus_file, tmp_path):
+    learned = tmp_path / "rot"
+    r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(tiny_model_dir), "--out", str(learned), "--calib-data",
+                                 str(corpus_file), "--steps", "4", "--batch-size", "2", "--seqlen", "48"])
+    assert r.exit_code == 0, r.output
+    rot = load_rbin(learned / "R.bin")
+    assert rot.r1.shape == (64, 64) and len(rot.r2) == 2
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(run), "--rotations",
+                                 str(learned / "R.bin"), "--method", "rtn"])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_rbin(run / "R.bin").r1.float(), rot.r1.float())
+    # the quantized run computes (up to quantization) the original function: learned rotations are exact in float
+    model = load_model(tiny_model_dir)
+    rotated = copy.deepcopy(model)
+    fuse_and_rotate(rotated, rot)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert ((rotated(ids).logits - model(ids).logits).abs().max() / model(ids).logits.abs().max()) < 1e-4
+
+
+def test_out_dir_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_path, tiny_tokenizer):
+    _learn(tiny_model_dir, corpus_file, tmp_path / "rot", steps=2)
+    other = tmp_path / "other"
+    load_model(tiny_model_dir).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(other), "--out", str(tmp_path / "rot"), "--calib-data",
+                                 str(corpus_file), "--steps", "2", "--batch-size", "2", "--seqlen", "48"])
+    assert r.exit_code == 2 and "rotations learned for another model" in r.output
