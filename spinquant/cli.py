@@ -177,7 +177,9 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
                    verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits)
     click.echo(f"wrote {r['checkpoint']} and {r['params']} (preq_mode {r['preq_mode']}, group {r['group_size']}, "
                f"spin_quant {'native' if r['spin_quant'] else 'off'})")
-    if pte:
+    if r.get("pte_skipped"):
+        click.echo(r["pte_skipped"])
+    elif pte:
         v = r["verification"]
         click.echo(f"wrote {r['pte']} ({r['pte_bytes'] / 2**20:.1f} MiB) in {r['export']['seconds']:.0f} s; verified on "
                    f"{v['windows']} x {v['seqlen']} tokens of {v['data']}: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
@@ -216,6 +218,89 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
     if s.get("finished"):
         click.echo(f"wrote {out_dir}/R.bin after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
+
+
+def _target_help() -> str:
+    from spinquant.targets import TARGETS
+
+    return "Hardware target: " + ", ".join(TARGETS) + "."
+
+
+@cli.command()
+@click.option("--model", required=True, help="Local model directory, Meta checkpoint directory or hub id.")
+@click.option("--out", default=None, help="Run directory [default: runs/<model name>]; a re-run resumes it.")
+@click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: bundled name or YAML.")
+@click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME.")
+@click.option("--target", default="xnnpack-8da4w-g32", show_default=True, help=_target_help())
+@click.option("--steps", default=100, show_default=True, help="Rotation-learning steps.")
+@click.option("--nsamples", type=int, default=None, help="Rotation-learning windows [default: steps x batch size = 800].")
+@click.option("--seqlen", default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--micro-batch", default=1, show_default=True)
+@click.option("--lr", default=1.5, show_default=True)
+@click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
+@click.option("--gptq-nsamples", default=128, show_default=True)
+@click.option("--pte/--no-pte", default=True, show_default=True)
+@click.option("--eval-data", default="wikitext2", show_default=True, help="Evaluation text for the report (wikitext2 = hub test split, or a local file).")
+@click.option("--eval-windows", default=20, show_default=True)
+@click.option("--compare-hadamard", is_flag=True, help="Also quantize with the random Hadamard start, for the report.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--tokenizer", default=None)
+@friendly_errors
+def calibrate(**kwargs) -> None:
+    """The whole pipeline: learn R1/R2 -> GPTQ + range setting -> ExecuTorch checkpoint -> .pte -> verification -> report."""
+    from spinquant.workflow import CalibrateOptions, calibrate as run_calibrate
+
+    opts = CalibrateOptions(**kwargs)
+    report = run_calibrate(opts)
+    _print_run_summary(opts.resolved_out(), report)
+
+
+def _print_run_summary(out: Path, report: dict[str, Any]) -> None:
+    ev = report.get("evaluation") or {}
+    msg = f"done: {out} (report: {out / 'report.md'})"
+    if ev.get("quantized"):
+        q = ev["quantized"]
+        msg += f"; perplexity {ev['float']['ppl']:.3f} (float) -> {q['ppl']:.3f}, KL {q['kl']:.4f}, top-1 {100 * q['top1']:.2f}%"
+    v = (report.get("export") or {}).get("verification")
+    if v:
+        msg += f"; .pte verified (top-1 agreement {100 * v['top1_agreement']:.2f}%)"
+    click.echo(msg)
+
+
+@cli.command()
+@click.option("--from", "run_dir", required=True, help="A finished calibrate run directory.")
+@click.option("--target", required=True, help=_target_help())
+@click.option("--out", default=None, help="Directory for the new target [default: RUN-TARGET beside it].")
+@click.option("--pte/--no-pte", default=None, help="[default: as the original run]")
+@click.option("--device", default=None)
+@friendly_errors
+def requantize(run_dir, target, out, pte, device) -> None:
+    """Quantize for another target re-using the learned rotations (no learning), exported and verified."""
+    from spinquant.workflow import requantize as run_requantize
+
+    report = run_requantize(run_dir, target, out, pte=pte, device=device)
+    _print_run_summary(Path(out) if out else Path(run_dir).parent / f"{Path(run_dir).name}-{target}", report)
+
+
+@cli.command()
+@click.argument("jobs_file")
+@friendly_errors
+def batch(jobs_file: str) -> None:
+    """Calibrate many models from a YAML file (defaults + jobs); continue past failures; summary table."""
+    from spinquant.workflow import run_batch, summary_table
+
+    rows = run_batch(jobs_file)
+    table = summary_table(rows)
+    base = Path(jobs_file).with_suffix("")
+    (base.parent / f"{base.name}.summary.md").write_text(table + "\n")
+    (base.parent / f"{base.name}.summary.json").write_text(json.dumps(rows, indent=2))
+    click.echo(table)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(r['model'] for r in failed)}", err=True)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ FORBIDDEN_PATH_PARTS = ("int8", "8da4w")  # the loader switches to other (broken
 
 def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     """The preq_mode this run exports as; SpinQuantError before any work if ExecuTorch cannot load it."""
-    if scheme.w_bits != 4 or scheme.a_bits != 8 or scheme.a_symmetric or scheme.kv_bits != FLOAT:
+    if scheme.w_bits != 4 or scheme.a_bits not in (8, FLOAT) or scheme.a_symmetric or scheme.kv_bits != FLOAT:
         raise SpinQuantError(f"scheme {scheme.describe()} has no ExecuTorch pre-quantized format: export needs W4 "
-                             f"groups with A8 asymmetric per-token activations and a float KV cache (8da4w)")
+                             f"groups with A8 asymmetric per-token (8da4w) or float (weight-only) activations and a float KV cache")
     if scheme.group not in GROUP_SIZES:
         raise SpinQuantError(f"group size {scheme.group_size or 'per-channel'} is not accepted by ExecuTorch's "
                              f"pre-quantized loader: use one of {', '.join(map(str, GROUP_SIZES))}")
@@ -48,6 +48,8 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     if missing or getattr(model.model.embed_tokens, "qweight", None) is None:
         raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "
                              f"quantize it first (spinquant quantize)")
+    if scheme.a_bits == FLOAT:
+        return "4w"  # weight-only: the same layout, read by ExecuTorch's WeightOnlyInt4Linear (Vulkan path)
     return "8da4w_output_8da8w" if scheme.output_w_bits == 8 else "8da4w"
 
 

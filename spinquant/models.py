@@ -318,6 +318,27 @@ def load_model(source: str | os.PathLike) -> LlamaForCausalLM:
     return load_hf(source, local_only=kind == "hf")
 
 
+def load_config(source: str | os.PathLike) -> LlamaConfig:
+    """The model's config alone (cheap: no weights), checked to be a Llama."""
+    kind = describe_source(source)
+    if kind == "run":
+        return LlamaConfig.from_json_file(Path(source) / "config.json")
+    if kind == "meta":
+        ckpt = _meta_checkpoint_file(Path(source))
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            params = json.loads((ckpt.parent / "params.json").read_text())
+        except Exception as exc:
+            raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt} (corrupt?): {exc}") from exc
+        return config_from_meta_params(params, state.get("model", state))
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=kind == "hf")
+    except (OSError, ValueError) as exc:
+        raise SpinQuantError(f"cannot read the model config of {source}: {str(exc).splitlines()[0]}") from exc
+    check_llama_config(config, str(source))
+    return config
+
+
 def load_tokenizer(source: str | os.PathLike, model_source: str | os.PathLike | None = None) -> Any:
     """The tokenizer from ``source`` (an HF directory or hub id); clear error if there is none."""
     from transformers import AutoTokenizer

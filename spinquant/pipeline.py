@@ -252,7 +252,7 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
 
     from spinquant.atomic import atomic_file
     from spinquant.evaluate import hf_logits_fn
-    from spinquant.export import CHECKPOINT, PARAMS, check_exportable, executorch_params, executorch_state_dict
+    from spinquant.export import CHECKPOINT, PARAMS, PREQ_MODES, check_exportable, executorch_params, executorch_state_dict
     from spinquant.fusion import has_online_r4
     from spinquant.pte import PteModel, run_export_llama
     from spinquant.quant.scheme import QuantScheme
@@ -274,7 +274,8 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
         tmp.write_text(_json.dumps(executorch_params(model, scheme), indent=2))
     result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
                               "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
-    if not pte:
+    if not pte or mode not in PREQ_MODES:
+        result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
         return result
     cfg = model.config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []

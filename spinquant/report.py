@@ -1,0 +1,99 @@
+"""Run reports: report.json (everything measured) and report.md (tables + plots) in the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spinquant.atomic import atomic_file
+
+
+@torch.no_grad()
+def residual_stats(model: torch.nn.Module, windows: torch.Tensor) -> list[dict[str, float]]:
+    """Per decoder layer, over the tokens of ``windows``: the residual-stream input's max |x|, the ratio of
+    the largest to the median per-channel max |x| (outlier channels), and its kurtosis (outlier mass)."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(_mod, args, kwargs, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            captured.setdefault(i, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
+        hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for w in windows:
+            model(w[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = []
+    for i in sorted(captured):
+        x = torch.cat(captured[i])
+        chan = x.abs().amax(0)
+        flat = x.reshape(-1)
+        z = (flat - flat.mean()) / flat.std()
+        stats.append({"layer": i, "absmax": x.abs().max().item(), "max_over_median_channel": (chan.max() / chan.median()).item(),
+                      "kurtosis": z.pow(4).mean().item()})
+    return stats
+
+
+def plot_residual_stats(before: list[dict], after: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for ax, key, label in ((axes[0], "kurtosis", "kurtosis of layer input"), (axes[1], "max_over_median_channel", "max / median channel max|x|")):
+        ax.plot([s["layer"] for s in before], [s[key] for s in before], "o-", label="original")
+        ax.plot([s["layer"] for s in after], [s[key] for s in after], "s-", label="rotated")
+        ax.set_xlabel("decoder layer")
+        ax.set_title(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    ev = r.get("evaluation") or {}
+    lines = [f"# spinquant report: {r['model']}", "", f"Target **{r['target']}** ({r.get('target_description', '')}).", ""]
+    if ev.get("skipped"):
+        lines += [f"Evaluation skipped: {ev['skipped']}", ""]
+    elif ev:
+        lines += [f"## Quality (WikiText-2 test protocol on {ev['data']}, {ev['windows']} windows x {ev['seqlen']} tokens)", "",
+                  "| model | perplexity | KL to float (nats/token) | top-1 agreement with float |", "|---|---:|---:|---:|",
+                  f"| float | {ev['float']['ppl']:.3f} | 0 | 100% |"]
+        for key, label in (("random_hadamard", "random Hadamard + same quantization"), ("quantized", "this run (fake-quant)")):
+            if ev.get(key):
+                lines.append(f"| {label} | {ev[key]['ppl']:.3f} | {_fmt(ev[key]['kl'], '.4f')} | {_fmt(100 * ev[key]['top1'], '.2f')}% |")
+        lines.append("")
+    v = (r.get("export") or {}).get("verification")
+    if v:
+        lines += ["## .pte verification (executorch runtime vs our fake-quant model)", "",
+                  f"{v['windows']} windows x {v['seqlen']} tokens of {v['data']}: perplexity {v['ppl_pte']:.3f} (.pte) vs "
+                  f"{v['ppl_ours']:.3f} (ours), top-1 agreement {100 * v['top1_agreement']:.2f}%, max relative logit "
+                  f"difference {v['max_rel_logit_diff']:.2e}.", ""]
+    if r.get("sizes"):
+        lines += ["## Sizes", "", "| file | MiB |", "|---|---:|"] + [f"| {k} | {b / 2**20:.2f} |" for k, b in r["sizes"].items()] + [""]
+    if r.get("stage_seconds"):
+        lines += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {s:.1f} |" for k, s in r["stage_seconds"].items()] + [""]
+    plots = [(p, t) for p, t in (("learning_curve.png", "Rotation learning curve"), ("residual_stats.png", "Residual-stream outliers before and after rotation")) if p in r.get("plots", [])]
+    for p, t in plots:
+        lines += [f"## {t}", "", f"![{t}]({p})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run: Path, report: dict[str, Any]) -> None:
+    with atomic_file(run / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    with atomic_file(run / "report.md") as tmp:
+        tmp.write_text(render_markdown(report))

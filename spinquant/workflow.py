@@ -1,0 +1,448 @@
+"""What users run: ``calibrate`` (the whole pipeline, resumable by stage), ``requantize`` (another target
+from learned rotations, no learning) and ``batch`` (many models from a YAML file).
+
+A calibrate run directory holds at its top level: ``R.bin`` (+ ``losses.json``, ``learning_curve.png``),
+the quantized run (``quantized.safetensors``, ``quant_config.json``, ``config.json``, tokenizer files),
+the ExecuTorch checkpoint (``consolidated.00.pth``, ``params.json``), ``model.pte`` and
+``verification.json``, ``report.json`` / ``report.md`` / plots, ``calibrate_config.json`` (every
+option, versions, seeds) and ``stages.json`` (finished stages with their times). A re-run with the
+same options skips finished stages; a stage's outputs are renamed into place only when it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spinquant.errors import SpinQuantError
+from spinquant.targets import DEFAULT_TARGET, get_target
+
+STAGES = ("learn", "quantize", "export", "report")
+CONFIG_FILE = "calibrate_config.json"
+STAGES_FILE = "stages.json"
+# options that do not change what a stage computes: they may differ on a resume
+RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard"}
+
+
+@dataclass
+class CalibrateOptions:
+    """Every option of ``spinquant calibrate``; defaults reproduce Meta's Llama 3.2 SpinQuant recipe."""
+
+    model: str
+    out: str | None = None
+    calib: str = "wikitext2"
+    calib_data: str | None = None
+    target: str = DEFAULT_TARGET
+    steps: int = 100
+    nsamples: int | None = None  # default: steps * batch_size (800)
+    seqlen: int = 2048
+    batch_size: int = 8
+    micro_batch: int = 1
+    lr: float = 1.5
+    learn_w_bits: int = 16
+    gptq_nsamples: int = 128
+    pte: bool = True
+    eval_data: str = "wikitext2"
+    eval_windows: int = 20
+    compare_hadamard: bool = False
+    device: str = "auto"
+    seed: int = 0
+    tokenizer: str | None = None
+
+    @staticmethod
+    def names() -> list[str]:
+        return [f.name for f in fields(CalibrateOptions)]
+
+    def resolved_out(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / Path(str(self.model).rstrip("/")).name
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from spinquant.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
+def _model_identity(model: str) -> str:
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
+class Run:
+    """A calibrate run directory and its stage bookkeeping."""
+
+    def __init__(self, out: Path, opts: dict[str, Any]) -> None:
+        self.dir = out
+        self.opts = opts
+
+    def check_or_claim(self) -> None:
+        """Refuse a directory holding another model's run or a run with other options; else record ours."""
+        old = _json(self.dir / CONFIG_FILE)
+        if old:
+            if old.get("model_identity") != self.opts["model_identity"]:
+                raise SpinQuantError(f"{self.dir} holds a run of a different model ({old.get('model')}): use another --out")
+            changed = sorted(k for k, v in self.opts.items() if k not in RESUME_FREE and k != "versions" and old.get(k) != v)
+            if changed:
+                raise SpinQuantError(f"{self.dir} holds a run with other options ({', '.join(changed)}): use another --out "
+                                     f"or the same options to resume")
+        elif self.dir.exists() and any(self.dir.iterdir()):
+            raise SpinQuantError(f"{self.dir} is not empty and holds no spinquant run: use another --out")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / CONFIG_FILE, self.opts)
+
+    def done(self, stage: str) -> bool:
+        return stage in _json(self.dir / STAGES_FILE)
+
+    def mark(self, stage: str, seconds: float) -> None:
+        stages = _json(self.dir / STAGES_FILE)
+        stages[stage] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_json(self.dir / STAGES_FILE, stages)
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {k: v["seconds"] for k, v in _json(self.dir / STAGES_FILE).items()}
+
+    def move_in(self, src: Path) -> None:
+        """Rename every file of a finished stage's temp directory into the run directory."""
+        for f in src.iterdir():
+            if f.is_file():
+                f.replace(self.dir / f.name)
+
+
+def _log(msg: str) -> None:
+    import click
+
+    click.echo(msg, err=True)
+
+
+def _calibration(opts: CalibrateOptions, nsamples: int):
+    from spinquant.cli import resolve_calibration
+
+    return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples)
+
+
+def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
+    from spinquant.pipeline import quantize_to_run
+    from spinquant.quant.apply import WeightQuantConfig
+
+    target = get_target(opts.target)
+    tmp = Path(tempfile.mkdtemp(prefix=".stage-quantize-", dir=run.dir))
+    try:
+        if target.scheme is None:
+            write_float_rotated(model_src, rbin, tmp / "out")
+        else:
+            quantize_to_run(model_src, str(tmp / "out"), target.scheme, WeightQuantConfig(method="gptq", clip_search=True),
+                            rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
+                            device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name})
+        run.move_in(tmp / "out")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_float_rotated(model_src: str, rbin: Path, out: Path) -> None:
+    """Target qnn-float-rotated: the original model as a float Meta checkpoint plus R.bin, checked by reloading
+    both and applying the rotations ourselves (the float function must be unchanged)."""
+    from spinquant.atomic import atomic_dir
+    from spinquant.fusion import fuse_and_rotate, load_rbin
+    from spinquant.models import load_model, save_meta
+    from spinquant.pipeline import max_rel_diff, probe_ids, try_load_tokenizer
+
+    model = load_model(model_src)
+    with atomic_dir(out) as tmp:
+        save_meta(model, tmp)
+        shutil.copy(rbin, tmp / "R.bin")
+        tok = try_load_tokenizer(model_src)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        back = load_model(tmp)
+        ids = probe_ids(model.config.vocab_size)
+        with torch.no_grad():
+            expected = model(ids).logits
+            fuse_and_rotate(back, load_rbin(tmp / "R.bin"))
+            diff = max_rel_diff(back(ids).logits, expected)
+        if diff > 1e-3:
+            raise SpinQuantError(f"verification failed: the float checkpoint rotated by R.bin differs by {diff:.2e}")
+        (tmp / "verification.json").write_text(json.dumps({"rotated_float_max_rel_logit_diff": diff}, indent=2))
+
+
+def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str, Any]:
+    import copy
+
+    from spinquant.evaluate import evaluate, evaluation_ids, evaluation_windows, hf_logits_fn, cached_logits_fn
+    from spinquant.fusion import fuse_and_rotate, load_rbin
+    from spinquant.models import load_model
+    from spinquant.pipeline import try_load_tokenizer
+    from spinquant.report import plot_residual_stats, residual_stats, write_report
+
+    target = get_target(opts.target)
+    report: dict[str, Any] = {"model": opts.model, "target": target.name, "target_description": target.description,
+                              "options": run.opts, "plots": []}
+    tokenizer = try_load_tokenizer(str(run.dir)) or try_load_tokenizer(model_src, opts.tokenizer)
+    float_model = load_model(model_src)
+    seqlen = min(opts.seqlen, getattr(float_model.config, "max_position_embeddings", opts.seqlen))
+    try:
+        windows = evaluation_windows(evaluation_ids(tokenizer, opts.eval_data), seqlen, opts.eval_windows)
+    except SpinQuantError as exc:
+        report["evaluation"] = {"skipped": f"{exc} (pass --eval-data PATH)"}
+        windows = None
+    if windows is not None:
+        ref = cached_logits_fn(hf_logits_fn(float_model))
+        ev: dict[str, Any] = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                              "float": evaluate(ref, windows, progress=False).to_dict()}
+        if target.scheme is not None:
+            ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()
+            if opts.compare_hadamard:
+                from spinquant.quant.apply import WeightQuantConfig, quantize_model
+                from spinquant.data import calibration_windows
+                from spinquant.fusion import Rotations
+
+                m = copy.deepcopy(float_model)
+                fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed))
+                quantize_model(m, target.scheme, WeightQuantConfig(), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
+                ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
+        report["evaluation"] = ev
+    # residual-stream outliers before and after the learned rotation, on a few windows
+    probe = windows[:2, :512] if windows is not None else torch.randint(0, float_model.config.vocab_size, (2, 256))
+    before = residual_stats(float_model, probe)
+    rotated = copy.deepcopy(float_model)
+    fuse_and_rotate(rotated, load_rbin(run.dir / "R.bin"))
+    after = residual_stats(rotated, probe)
+    report["residual_stats"] = {"original": before, "rotated": after}
+    try:
+        plot_residual_stats(before, after, run.dir / "residual_stats.png")
+        report["plots"].append("residual_stats.png")
+    except ImportError:
+        pass
+    if (run.dir / "learning_curve.png").is_file():
+        report["plots"].append("learning_curve.png")
+    report["learning"] = {k: v for k, v in _json(run.dir / "losses.json").items() if k != "config"}
+    report["export"] = _json(run.dir / "verification.json")
+    report["sizes"] = {f: (run.dir / f).stat().st_size for f in ("consolidated.00.pth", "model.pte", "quantized.safetensors")
+                       if (run.dir / f).is_file()}
+    report["stage_seconds"] = run.stage_seconds()
+    write_report(run.dir, report)
+    return report
+
+
+def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path | None = None) -> dict[str, Any]:
+    """Learn R1/R2 -> GPTQ with range setting -> ExecuTorch checkpoint -> .pte -> verification -> report.
+
+    With ``learn=False`` the rotations are copied from ``rotations_from`` (requantize) and no learning runs.
+    """
+    from spinquant.models import describe_source
+    from spinquant.pipeline import export_run, learn_rotations
+    from spinquant.rotation import LearnConfig
+    from spinquant.run_dir import versions
+
+    target = get_target(opts.target)
+    kind = describe_source(opts.model)
+    if kind == "run":
+        raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
+    from spinquant.models import load_config
+
+    config = load_config(opts.model)  # validates the architecture before any work
+    if target.scheme is not None:
+        target.scheme.check_model(config)
+    nsamples = opts.nsamples or opts.steps * opts.batch_size
+    run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
+                "learned": learn}
+    out = opts.resolved_out()
+    run = Run(out, run_opts)
+    run.check_or_claim()
+    if not learn:
+        if not run.done("learn"):
+            shutil.copy(rotations_from, run.dir / "R.bin")
+            run.mark("learn", 0.0)
+    elif run.done("learn"):
+        _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
+    else:
+        t = time.perf_counter()
+        cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
+                          w_bits=opts.learn_w_bits, a_bits=8, kv_bits=16, seed=opts.seed)
+        learn_rotations(opts.model, str(run.dir), cfg, _calibration(opts, nsamples), device=opts.device, tokenizer_src=opts.tokenizer)
+        run.mark("learn", time.perf_counter() - t)
+    for stage in ("quantize", "export", "report"):
+        if run.done(stage):
+            _log(f"[spinquant] stage {stage}: done, skipped")
+            continue
+        t = time.perf_counter()
+        _log(f"[spinquant] stage {stage} ...")
+        if stage == "quantize":
+            _stage_quantize(run, opts, opts.model, run.dir / "R.bin")
+        elif stage == "export" and target.scheme is not None:
+            export_run(str(run.dir), pte=opts.pte and target.pte, verify_data=None if opts.eval_data == "wikitext2" else opts.eval_data)
+        elif stage == "report":
+            _stage_report(run, opts, opts.model)
+        run.mark(stage, time.perf_counter() - t)
+    return _json(run.dir / "report.json")
+
+
+def requantize(from_run: str, target: str, out: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Re-quantize a calibrate run's model for another target with its learned rotations (no learning)."""
+    src = Path(from_run)
+    cfg = _json(src / CONFIG_FILE)
+    if not cfg or not (src / "R.bin").is_file():
+        raise SpinQuantError(f"{src} is not a finished calibrate run (needs {CONFIG_FILE} and R.bin): run spinquant calibrate first")
+    get_target(target)
+    opts = CalibrateOptions(**{k: cfg[k] for k in CalibrateOptions.names() if k in cfg})
+    opts.model = cfg.get("model_identity", opts.model)
+    opts.target = target
+    opts.out = out or str(src.parent / f"{src.name}-{target}")
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(opts, k, v)
+    return calibrate(opts, learn=False, rotations_from=src / "R.bin")
+
+
+# --- batch -----------------------------------------------------------------------------------------
+
+
+def _job_summary(job: dict[str, Any], status: str, error: str | None, seconds: float) -> dict[str, Any]:
+    out = CalibrateOptions(model=job["model"], out=job.get("out")).resolved_out()
+    rep = _json(out / "report.json")
+    ev = rep.get("evaluation") or {}
+    size = next((b for f, b in (rep.get("sizes") or {}).items() if f in ("model.pte", "consolidated.00.pth")), None)
+    return {"model": job["model"], "out": str(out), "status": status, "error": error,
+            "ppl_float": (ev.get("float") or {}).get("ppl"), "ppl_quantized": (ev.get("quantized") or {}).get("ppl"),
+            "kl": (ev.get("quantized") or {}).get("kl"), "size_mib": size / 2**20 if size else None, "seconds": seconds}
+
+
+def load_jobs(path: str) -> list[dict[str, Any]]:
+    """Jobs of a batch YAML: ``defaults:`` (calibrate options, underscores) merged into each of ``jobs:``
+    (``{model, out, ...}``, or ``{models_glob, out}`` with ``{name}`` in ``out`` standing for each match)."""
+    import glob
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpinQuantError(f"no such batch file: {path}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpinQuantError(f"invalid YAML in {path}: {' '.join(str(exc).split())}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise SpinQuantError(f"{path} must be a mapping with a 'jobs:' list (and optional 'defaults:')")
+    defaults = doc.get("defaults") or {}
+    valid = set(CalibrateOptions.names()) | {"models_glob"}
+    jobs = []
+    for i, entry in enumerate(doc["jobs"]):
+        if not isinstance(entry, dict):
+            raise SpinQuantError(f"{path}: job {i + 1} is not a mapping")
+        merged = {**defaults, **entry}
+        unknown = sorted(set(merged) - valid)
+        if unknown:
+            raise SpinQuantError(f"{path}: unknown option(s) {', '.join(unknown)} in job {i + 1}; options are calibrate's flags "
+                                 f"with underscores: {', '.join(CalibrateOptions.names())}")
+        if "models_glob" in merged:
+            pattern = merged.pop("models_glob")
+            base = pattern if Path(pattern).is_absolute() else str(p.parent / pattern)
+            matches = sorted(m for m in glob.glob(base) if Path(m).is_dir())
+            if not matches:
+                raise SpinQuantError(f"{path}: models_glob {pattern} matches no directory")
+            for m in matches:
+                out = str(merged.get("out", "runs/{name}")).replace("{name}", Path(m).name)
+                jobs.append({**merged, "model": m, "out": out})
+        elif "model" in merged:
+            jobs.append(merged)
+        else:
+            raise SpinQuantError(f"{path}: job {i + 1} names neither model nor models_glob")
+    return jobs
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    out = CalibrateOptions(model=job["model"], out=job.get("out")).resolved_out()
+    return all(s in _json(out / STAGES_FILE) for s in STAGES) and (out / "report.json").is_file()
+
+
+def run_batch(path: str) -> list[dict[str, Any]]:
+    """Run every job (skipping finished ones, continuing past failures); returns one summary row per job.
+
+    With several CUDA devices, jobs run in parallel, one per GPU, as ``spinquant calibrate`` subprocesses.
+    """
+    jobs = load_jobs(path)
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    pending = []
+    for i, job in enumerate(jobs):
+        if _finished(job):
+            rows[i] = _job_summary(job, "skipped (finished)", None, 0.0)
+        else:
+            pending.append(i)
+    if n_gpus > 1:
+        _run_parallel(jobs, pending, rows, n_gpus)
+    for i in pending:
+        if rows[i] is not None:
+            continue
+        t = time.perf_counter()
+        try:
+            calibrate(CalibrateOptions(**jobs[i]))
+            rows[i] = _job_summary(jobs[i], "ok", None, time.perf_counter() - t)
+        except Exception as exc:  # a failed job must not stop the others
+            msg = str(exc) if isinstance(exc, SpinQuantError) else f"{type(exc).__name__}: {exc}"
+            rows[i] = _job_summary(jobs[i], "failed", msg.splitlines()[0] if msg else type(exc).__name__, time.perf_counter() - t)
+        _log(f"[spinquant batch] {jobs[i]['model']}: {rows[i]['status']}" + (f" ({rows[i]['error']})" if rows[i]["error"] else ""))
+    return [r for r in rows if r is not None]
+
+
+def _calibrate_argv(job: dict[str, Any]) -> list[str]:
+    argv = []
+    for k, v in job.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+def _run_parallel(jobs, pending, rows, n_gpus: int) -> None:
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
+    gpus: Queue = Queue()
+    for g in range(n_gpus):
+        gpus.put(g)
+
+    def one(i: int) -> None:
+        g = gpus.get()
+        t = time.perf_counter()
+        try:
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}
+            proc = subprocess.run([sys.executable, "-m", "spinquant", "calibrate", *_calibrate_argv(jobs[i])], env=env,
+                                  capture_output=True, text=True)
+            err = None if proc.returncode == 0 else ((proc.stderr.strip().splitlines() or ["failed"])[-1])
+            rows[i] = _job_summary(jobs[i], "ok" if err is None else "failed", err, time.perf_counter() - t)
+        finally:
+            gpus.put(g)
+
+    with ThreadPoolExecutor(max_workers=n_gpus) as pool:
+        list(pool.map(one, pending))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| model | status | error | PPL float | PPL quantized | KL | size (MiB) | time (s) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['status']} | {r['error'] or ''} | {f(r['ppl_float'], '.3f')} | {f(r['ppl_quantized'], '.3f')} | "
+                     f"{f(r['kl'], '.4f')} | {f(r['size_mib'], '.1f')} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
