@@ -266,6 +266,7 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     scheme = QuantScheme.from_dict(read_quant_config(run)["scheme"])
     model = load_run(run)
     mode = check_exportable(model, scheme)
+    max_seq_len = min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))
     out = Path(out_dir) if out_dir else run
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / CHECKPOINT) as tmp:

@@ -1,0 +1,168 @@
+"""User workflows: calibrate (end to end, resume), requantize (no learning), batch (a failing job), bad input."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from spinquant import pipeline, workflow
+from spinquant.cli import cli
+from spinquant.fusion import load_rbin
+
+FAST = ["--steps", "3", "--batch-size", "2", "--seqlen", "64", "--gptq-nsamples", "4", "--eval-windows", "2"]
+
+
+def _calibrate(model_dir, out, corpus, *extra):
+    return CliRunner().invoke(cli, ["calibrate", "--model", str(model_dir), "--out", str(out), "--calib-data", str(corpus),
+                                    "--eval-data", str(corpus), *FAST, *extra])
+
+
+def _no_learning(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("rotation learning ran")
+
+    monkeypatch.setattr(pipeline, "learn_rotations", fail)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, tiny_model_dir, corpus_file):
+    out = tmp_path_factory.mktemp("cal") / "run"
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_calibrate_run_directory(calibrated):
+    top = {p.name for p in calibrated.iterdir()}
+    assert {"R.bin", "consolidated.00.pth", "params.json", "report.json", "report.md", "calibrate_config.json",
+            "learning_curve.png", "residual_stats.png", "quantized.safetensors"} <= top
+    cfg = json.loads((calibrated / "calibrate_config.json").read_text())
+    assert cfg["steps"] == 3 and cfg["seed"] == 0 and "torch" in cfg["versions"] and cfg["target"] == "xnnpack-8da4w-g32"
+    rep = json.loads((calibrated / "report.json").read_text())
+    q = rep["evaluation"]["quantized"]
+    assert q["kl"] > 0 and 0 < q["top1"] <= 1 and rep["evaluation"]["float"]["ppl"] > 1
+    assert len(rep["learning"]["losses"]) == 3 and set(rep["stage_seconds"]) >= {"learn", "quantize", "export"}
+    md = (calibrated / "report.md").read_text()
+    assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
+
+
+def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # the user hits ^C after the rotation stage
+
+    with monkeypatch.context() as m:
+        m.setattr(workflow, "_stage_quantize", interrupted)
+        r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte")
+        assert r.exit_code != 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["learn"] and (out / "R.bin").is_file() and not (out / "quantized.safetensors").exists()
+    rbin = (out / "R.bin").read_bytes()
+    _no_learning(monkeypatch)
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte")
+    assert r.exit_code == 0, r.output
+    assert "stage learn: done, skipped" in r.output
+    assert (out / "R.bin").read_bytes() == rbin and (out / "report.json").is_file()
+
+
+def test_requantize_reuses_rotations_without_learning(calibrated, tmp_path, monkeypatch):
+    _no_learning(monkeypatch)
+    out = tmp_path / "g64"
+    r = CliRunner().invoke(cli, ["requantize", "--from", str(calibrated), "--target", "xnnpack-8da4w-g64", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "R.bin").read_bytes() == (calibrated / "R.bin").read_bytes()
+    assert json.loads((out / "params.json").read_text())["quantization_args"]["group_size"] == 64
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert sd["layers.0.attention.wq.scales"].shape == (64, 1)
+    assert not (out / "losses.json").exists()
+    qnn = tmp_path / "qnn"
+    r = CliRunner().invoke(cli, ["requantize", "--from", str(calibrated), "--target", "qnn-float-rotated", "--out", str(qnn)])
+    assert r.exit_code == 0, r.output
+    sd = torch.load(qnn / "consolidated.00.pth", weights_only=True)
+    assert sd["layers.0.attention.wq.weight"].dtype == torch.float32
+    assert json.loads((qnn / "verification.json").read_text())["rotated_float_max_rel_logit_diff"] < 1e-4
+    assert torch.equal(load_rbin(qnn / "R.bin").r1, load_rbin(calibrated / "R.bin").r1)
+
+
+def test_batch_continues_past_a_failed_job(tiny_model_dir, corpus_file, tmp_path, tiny_tokenizer):
+    models = tmp_path / "fine-tunes"
+    for name in ("ft-a", "ft-b"):
+        from tests.helpers import make_tiny_model
+
+        m = make_tiny_model(vocab_size=len(tiny_tokenizer))
+        m.save_pretrained(models / name)
+        tiny_tokenizer.save_pretrained(models / name)
+    jobs = {
+        "defaults": {"calib_data": str(corpus_file), "eval_data": str(corpus_file), "pte": False, "steps": 2, "batch_size": 2,
+                     "seqlen": 64, "gptq_nsamples": 4, "eval_windows": 2},
+        "jobs": [{"models_glob": "fine-tunes/*", "out": str(tmp_path / "runs" / "{name}")},
+                 {"model": str(tmp_path / "missing-model"), "out": str(tmp_path / "runs" / "missing")}],
+    }
+    jf = tmp_path / "jobs.yaml"
+    jf.write_text(yaml.safe_dump(jobs))
+    r = CliRunner().invoke(cli, ["batch", str(jf)])
+    assert r.exit_code == 1, r.output
+    rows = json.loads((tmp_path / "jobs.summary.json").read_text())
+    assert [row["status"] for row in rows] == ["ok", "ok", "failed"]
+    assert "no such path" in rows[2]["error"] and rows[0]["ppl_quantized"] > 1
+    assert "missing-model" in (tmp_path / "jobs.summary.md").read_text()
+    # re-run: finished jobs are skipped
+    r = CliRunner().invoke(cli, ["batch", str(jf)])
+    rows = json.loads((tmp_path / "jobs.summary.json").read_text())
+    assert [row["status"] for row in rows] == ["skipped (finished)", "skipped (finished)", "failed"]
+
+
+def _one_line_error(r, pattern):
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [l for l in r.output.strip().splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and pattern in lines[0], r.output
+
+
+def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
+    _one_line_error(_calibrate(tmp_path / "nope", tmp_path / "o1", corpus_file), "no such path")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    _one_line_error(_calibrate(gpt2, tmp_path / "o2", corpus_file), "unsupported architecture 'gpt2'")
+    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o3", corpus_file, "--target", "tpu-int3"), "unknown target 'tpu-int3'")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("jobs: [ {model: x\n")
+    _one_line_error(CliRunner().invoke(cli, ["batch", str(bad_yaml)]), "invalid YAML")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"),
+                                 "--calib-data", str(empty), *FAST])
+    _one_line_error(r, "is empty")
+    for o in ("o1", "o2", "o3"):
+        assert not (tmp_path / o).exists()
+    assert not (tmp_path / "o4" / "report.json").exists() and not (tmp_path / "o4" / "stages.json").exists()
+
+
+def test_out_dir_with_another_models_run(calibrated, corpus_file, tmp_path, tiny_tokenizer):
+    from tests.helpers import make_tiny_model
+
+    other = tmp_path / "other"
+    make_tiny_model(vocab_size=len(tiny_tokenizer)).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    before = {p.name: p.stat().st_mtime_ns for p in calibrated.iterdir()}
+    _one_line_error(_calibrate(other, calibrated, corpus_file, "--no-pte"), "holds a run of a different model")
+    assert {p.name: p.stat().st_mtime_ns for p in calibrated.iterdir()} == before
+
+
+def test_interrupted_export_keeps_previous_checkpoint(calibrated, monkeypatch):
+    from spinquant import export
+
+    ckpt = (calibrated / "consolidated.00.pth").read_bytes()
+    params = (calibrated / "params.json").read_text()
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(export, "executorch_state_dict", crash)
+    r = CliRunner().invoke(cli, ["export", "--from", str(calibrated), "--no-pte"])
+    assert r.exit_code != 0
+    assert (calibrated / "consolidated.00.pth").read_bytes() == ckpt and (calibrated / "params.json").read_text() == params
+    assert not [p for p in calibrated.iterdir() if ".partial-" in p.name]
