@@ -215,7 +215,7 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, save_every=save_every)
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src)
-    if s.get("finished"):
+    if s.get("finished") and s.get("rank", 0) == 0:
         click.echo(f"wrote {out_dir}/R.bin after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
 

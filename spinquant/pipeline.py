@@ -361,7 +361,8 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         marker.write_text(_json.dumps({"model": str(Path(model_src).resolve()) if kind != "hub" else model_src}))
     resumed_from = learner.step if learner.try_resume() else 0
     learner.run(stop_after=stop_after)
-    summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps}
+    summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,
+                               "rank": learner.rank}
     if learner.rank == 0 and summary["finished"]:
         import tempfile
 

@@ -103,3 +103,30 @@ def test_out_dir_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_pa
     r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(other), "--out", str(tmp_path / "rot"), "--calib-data",
                                  str(corpus_file), "--steps", "2", "--batch-size", "2", "--seqlen", "48"])
     assert r.exit_code == 2 and "rotations learned for another model" in r.output
+
+
+def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_file, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo on CPU) splits each batch across ranks: same effective batch, same rotations."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "4",
+            "--batch-size", "4", "--seqlen", "48", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "spinquant", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "spinquant", *args, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_rbin(tmp_path / "one" / "R.bin"), load_rbin(tmp_path / "two" / "R.bin")
+    # the same arithmetic up to float32 summation order (per-rank partial gradients, then all-reduce)
+    assert (a.r1 - b.r1).abs().max() < 1e-4
+    assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 1e-4
+    start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
+    assert (a.r1 - start.r1).abs().max() > 1e-3  # both moved, and moved alike
+    la = json.loads((tmp_path / "one" / "losses.json").read_text())["losses"]
+    lb = json.loads((tmp_path / "two" / "losses.json").read_text())["losses"]
+    assert la == pytest.approx(lb, abs=1e-4)
