@@ -114,7 +114,7 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
 
     torchrun = Path(sys.executable).with_name("torchrun")
     args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "4",
-            "--batch-size", "4", "--seqlen", "48", "--device", "cpu"]
+            "--batch-size", "4", "--seqlen", "48", "--device", "cpu", "--w-bits", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "spinquant", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
