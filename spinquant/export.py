@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import has_online_r4
-from spinquant.models import HF_TO_META_LAYER, meta_params_from_config, permute_hf_to_meta
+from spinquant.models import HF_TO_META_LAYER, meta_params_from_config, permute_rope_rows
 from spinquant.quant.scheme import FLOAT, GROUP_SIZES, QuantScheme
 
 CHECKPOINT = "consolidated.00.pth"
@@ -53,14 +53,6 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     return "8da4w_output_8da8w" if scheme.output_w_bits == 8 else "8da4w"
 
 
-def _maybe_permute(hf_name: str, t: torch.Tensor, cfg) -> torch.Tensor:
-    if hf_name == "self_attn.q_proj":
-        return permute_hf_to_meta(t, cfg.num_attention_heads)
-    if hf_name == "self_attn.k_proj":
-        return permute_hf_to_meta(t, cfg.num_key_value_heads)
-    return t
-
-
 def executorch_state_dict(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The checkpoint dict (Meta names, float32 scales and norms, norm.weight first)."""
     cfg = model.config
@@ -82,8 +74,8 @@ def executorch_state_dict(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[
             if hf.endswith("layernorm"):
                 sd[f"{key}.weight"] = mod.weight.detach().float().clone()
                 continue
-            sd[f"{key}.weight"] = _maybe_permute(hf, mod.qweight, cfg).contiguous().clone()
-            sd[f"{key}.scales"] = _maybe_permute(hf, mod.scales.float(), cfg).contiguous().clone()
+            sd[f"{key}.weight"] = permute_rope_rows(hf, mod.qweight, cfg, to_meta=True).contiguous().clone()
+            sd[f"{key}.scales"] = permute_rope_rows(hf, mod.scales.float(), cfg, to_meta=True).contiguous().clone()
             sd[f"{key}.zeros"] = torch.zeros_like(sd[f"{key}.scales"])
     return sd
 

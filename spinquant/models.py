@@ -229,6 +229,14 @@ def config_from_meta_params(params: dict[str, Any], state: dict[str, torch.Tenso
     )
 
 
+def permute_rope_rows(hf_name: str, w: torch.Tensor, config: Any, to_meta: bool) -> torch.Tensor:
+    """Rows of q_proj/k_proj (or of their per-row scales) between HF's and Meta's RoPE layouts; others unchanged."""
+    heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(hf_name)
+    if heads is None:
+        return w
+    return permute_hf_to_meta(w, heads) if to_meta else permute_meta_to_hf(w, heads)
+
+
 def hf_to_meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """Float state dict with Meta names, q/k rows permuted to interleaved RoPE. Order: norm first."""
     cfg = model.config
@@ -238,30 +246,20 @@ def hf_to_meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
         out[f"{meta}.weight"] = sd[f"{hf}.weight"]
     for i in range(cfg.num_hidden_layers):
         for hf, meta in HF_TO_META_LAYER.items():
-            w = sd[f"model.layers.{i}.{hf}.weight"]
-            if hf == "self_attn.q_proj":
-                w = permute_hf_to_meta(w, cfg.num_attention_heads)
-            elif hf == "self_attn.k_proj":
-                w = permute_hf_to_meta(w, cfg.num_key_value_heads)
-            out[f"layers.{i}.{meta}.weight"] = w
+            out[f"layers.{i}.{meta}.weight"] = permute_rope_rows(hf, sd[f"model.layers.{i}.{hf}.weight"], cfg, to_meta=True)
     return out
 
 
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_meta_state_dict` (float tensors only)."""
+    """Inverse of :func:`hf_to_meta_state_dict` (float tensors only). A checkpoint without ``output.weight``
+    is tied: lm_head gets the embedding."""
     out: dict[str, torch.Tensor] = {}
     for hf, meta in HF_TO_META_TOP.items():
-        out[f"{hf}.weight"] = state[f"{meta}.weight"]
-    if "output.weight" not in state:  # a tied Meta checkpoint
-        out["lm_head.weight"] = state["tok_embeddings.weight"]
+        key = f"{meta}.weight" if f"{meta}.weight" in state or meta != "output" else "tok_embeddings.weight"
+        out[f"{hf}.weight"] = state[key]
     for i in range(config.num_hidden_layers):
         for hf, meta in HF_TO_META_LAYER.items():
-            w = state[f"layers.{i}.{meta}.weight"]
-            if hf == "self_attn.q_proj":
-                w = permute_meta_to_hf(w, config.num_attention_heads)
-            elif hf == "self_attn.k_proj":
-                w = permute_meta_to_hf(w, config.num_key_value_heads)
-            out[f"model.layers.{i}.{hf}.weight"] = w
+            out[f"model.layers.{i}.{hf}.weight"] = permute_rope_rows(hf, state[f"layers.{i}.{meta}.weight"], config, to_meta=False)
     return out
 
 

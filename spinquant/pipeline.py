@@ -144,10 +144,12 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     if kind == "run":
         raise SpinQuantError(f"{model_src} is already a quantized run: quantize the float model (or use requantize)")
     dev = resolve_device(device)
+    from spinquant.models import load_config
+
+    scheme.check_model(load_config(model_src))  # bad group sizes fail before any weight is read
     t = time.perf_counter()
     model = load_model(model_src)
     times["load"] = time.perf_counter() - t
-    scheme.check_model(model.config)
     if has_online_r4(model) and rotations != "none":
         raise SpinQuantError(f"{model_src} is already rotated (online R4): pass --rotations none")
     rot = resolve_rotations(rotations, model, seed)

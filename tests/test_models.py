@@ -97,3 +97,16 @@ def test_cli_corrupt_meta_checkpoint(tiny_model, tmp_path):
     (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"not a checkpoint")
     code, out = _run_cli(["rotate", "--model", str(tmp_path / "meta"), "--out", str(tmp_path / "o")])
     _assert_one_line_error(code, out, "corrupt")
+
+
+def test_tied_meta_checkpoint_without_output_weight(tiny_model, tmp_path):
+    save_meta(tiny_model, tmp_path)
+    sd = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    del sd["output.weight"]  # Meta's Llama 3.2 1B/3B checkpoints are tied
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    model = load_model(tmp_path)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model(ids).logits)
