@@ -134,6 +134,7 @@ def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None
 @click.option("--group-size", type=int, default=32, show_default=True, help="Weight group size (32/64/128/256; 0 = per channel).")
 @click.option("--a-bits", type=int, default=8, show_default=True, help="Per-token activation bits (4/8/16).")
 @click.option("--a-sym", is_flag=True, help="Symmetric activation quantization (default asymmetric, as ExecuTorch).")
+@click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (range setting for activations; 1 = none, as ExecuTorch runs).")
 @click.option("--kv-bits", type=int, default=16, show_default=True, help="KV-cache bits (4/8/16); <16 adds the online R3.")
 @click.option("--clip/--no-clip", "clip_search", default=True, show_default=True, help="Range setting (weight clip search).")
 @click.option("--act-order", is_flag=True, help="GPTQ act-order with static groups.")
@@ -143,14 +144,14 @@ def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
 @friendly_errors
-def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, a_sym, kv_bits, clip_search, act_order,
+def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
              percdamp, calib, calib_data, nsamples, seqlen, seed, device, tokenizer_src) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
     from spinquant.quant.apply import WeightQuantConfig
     from spinquant.quant.scheme import QuantScheme
 
-    scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, kv_bits=kv_bits)
+    scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, a_clip=a_clip, kv_bits=kv_bits)
     wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order)
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128) if method == "gptq" else None
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
@@ -177,6 +178,8 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
                    verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits)
     click.echo(f"wrote {r['checkpoint']} and {r['params']} (preq_mode {r['preq_mode']}, group {r['group_size']}, "
                f"spin_quant {'native' if r['spin_quant'] else 'off'})")
+    if r.get("warning"):
+        click.echo(f"warning: {r['warning']}", err=True)
     if r.get("pte_skipped"):
         click.echo(r["pte_skipped"])
     elif pte:

@@ -37,6 +37,9 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     if scheme.group not in GROUP_SIZES:
         raise SpinQuantError(f"group size {scheme.group_size or 'per-channel'} is not accepted by ExecuTorch's "
                              f"pre-quantized loader: use one of {', '.join(map(str, GROUP_SIZES))}")
+    if scheme.a_clip != 1.0:
+        raise SpinQuantError(f"activation clip ratio {scheme.a_clip}: ExecuTorch quantizes activations over their full range; "
+                             f"export needs --a-clip 1")
     if scheme.embedding_bits != 8:
         raise SpinQuantError(f"embedding_bits={scheme.embedding_bits}: the export writes an 8-bit per-row embedding")
     inter = model.config.intermediate_size

@@ -254,7 +254,8 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
 
     from spinquant.atomic import atomic_file
     from spinquant.evaluate import hf_logits_fn
-    from spinquant.export import CHECKPOINT, PARAMS, PREQ_MODES, check_exportable, executorch_params, executorch_state_dict
+    from spinquant.export import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARAMS, PREQ_MODES, check_exportable, executorch_params,
+                                  executorch_state_dict)
     from spinquant.fusion import has_online_r4
     from spinquant.pte import PteModel, run_export_llama
     from spinquant.quant.scheme import QuantScheme
@@ -277,6 +278,11 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
         tmp.write_text(_json.dumps(executorch_params(model, scheme), indent=2))
     result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
                               "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
+    bad = [p for p in FORBIDDEN_PATH_PARTS if p in str((out / CHECKPOINT).resolve())]
+    if bad:
+        result["warning"] = (f"the checkpoint path contains '{bad[0]}': executorch's loader switches to another (broken) branch on "
+                             f"it; move or link the checkpoint to a path without 'int8'/'8da4w' before running export_llama "
+                             f"yourself (spinquant's own .pte export does this)")
     if not pte or mode not in PREQ_MODES:
         result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
         return result

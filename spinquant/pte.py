@@ -60,6 +60,7 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
         cmd = export_command(work / "consolidated.00.pth", work / "params.json", work / "model.pte", mode, group_size,
                              spin, bos, eos, max_seq_len, full_logits)
         t = time.perf_counter()
+        print(f"[spinquant] running executorch's export_llama (minutes; log: {log_file or 'not kept'}) ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         seconds = time.perf_counter() - t
         if log_file is not None:

@@ -159,3 +159,11 @@ def test_export_rejects_intermediate_without_online_hadamard(tmp_path, tiny_toke
     run = tmp_path / "run"
     assert _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(run), "--method", "rtn").exit_code == 0
     _assert_clean_error(_invoke("export", "--from", str(run), "--no-pte"), "intermediate size 96 is not a power of two", run)
+
+
+def test_export_warns_about_paths_that_break_executorchs_loader(exported_run, tmp_path):
+    out = tmp_path / "llama-8da4w-ckpt"
+    r = _invoke("export", "--from", str(exported_run), "--out", str(out), "--no-pte")
+    assert r.exit_code == 0, r.output
+    assert "warning: the checkpoint path contains '8da4w'" in r.output
+    assert (out / "consolidated.00.pth").is_file()

@@ -152,3 +152,37 @@ def test_recorded_rtn_results_match_notes(ref_model_dir, wikitext_test_file):
     model = quantize_model(copy.deepcopy(base), META_8DA4W, WeightQuantConfig(method="rtn", clip_search=False))
     r = evaluate(hf_logits_fn(model), windows, hf_logits_fn(base), progress=False)
     assert 0.01 < r.kl < 0.04 and r.top1 > 0.8
+
+
+def test_act_order_static_groups_keep_exportable_groups(tiny_model):
+    """act-order permutes the column order but every group keeps one scale per 32 contiguous columns."""
+    from spinquant.quant.gptq import HessianAccumulator, gptq_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    x = torch.randn(512, 128) * torch.linspace(0.1, 3.0, 128)  # unequal column importance
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    q, s = gptq_quantize(w, acc.h, 4, 32, clip_search=True, act_order=True)
+    assert q.shape == w.shape and s.shape == (32, 4) and q.min() >= -8 and q.max() <= 7
+    from spinquant.quant.apply import output_error
+
+    w_gptq = dequantize_weight(q, s, 32)
+    s_rtn = choose_scales(w, 4, 32, True)
+    w_rtn = dequantize_weight(quantize_weight(w, s_rtn, 4, 32), s_rtn, 32)
+    assert output_error(w, w_gptq, acc.h) < output_error(w, w_rtn, acc.h)
+
+
+def test_float_output_mode_equals_executorch_eager(tiny_model, tmp_path):
+    from spinquant.export import write_executorch_checkpoint
+
+    scheme = QuantScheme(output_w_bits=16, output_a_bits=16)
+    model = untie_embeddings(tiny_model)
+    fuse_and_rotate(model, Rotations.random_hadamard(model, 1))
+    quantize_model(model, scheme, WeightQuantConfig(method="rtn"), progress=False)
+    assert write_executorch_checkpoint(model, scheme, tmp_path) == "8da4w"
+    assert torch.load(tmp_path / "consolidated.00.pth", weights_only=True)["output.weight"].dtype == torch.float32
+    et = executorch_eager(tmp_path, mode="8da4w")
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_diff(et(ids), model(ids).logits) < 1e-5
