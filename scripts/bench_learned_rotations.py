@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="8da4w:16,8da4w:4,w4a4kv4:16",
-                    help="target:learning-weight-bits pairs (16 = Meta's W16 learning, 4 = learn against RTN int4 weights)")
+                    help="target:learning-weight-bits[:loss] (16 = Meta's W16 learning, 4 = learn against RTN int4 weights; "
+                         "loss ce (default) or kl = distillation from the float model)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations"))
     args = ap.parse_args()
 
@@ -79,19 +80,23 @@ def main() -> None:
 
     done_hadamard = set()
     for variant in args.variants.split(","):
-        target, wbits = variant.split(":")
+        target, wbits, *rest = variant.split(":")
+        loss = rest[0] if rest else "ce"
         scheme = schemes[target]
         if target not in done_hadamard:
             gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed), scheme, {"target": target})
             done_hadamard.add(target)
         a_bits, kv_bits = (4, 4) if target == "w4a4kv4" else (8, 16)
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
-                          group_size=scheme.group or 32, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda")
-        learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False)
+                          group_size=scheme.group or 32, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
+                          loss=loss)
+        learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
+                                  teacher=copy.deepcopy(base) if loss == "kl" else None)
         learner.run()
-        label = f"W{wbits}A{a_bits}KV{kv_bits}"
+        label = f"W{wbits}A{a_bits}KV{kv_bits}" + (", KL loss" if loss == "kl" else "")
         curves[f"{target} learned at {label}"] = learner.losses
-        plot_learning_curve(learner.losses, out.parent / f"learning_curve_{target}_{label}.png", f"{target}: learning at {label}")
+        plot_learning_curve(learner.losses, out.parent / f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}.png",
+                            f"{target}: learning at {label}")
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
                    "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})

@@ -204,18 +204,20 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 @click.option("--a-bits", default=8, show_default=True)
 @click.option("--kv-bits", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="ce: cross-entropy on the text (Meta's); kl: KL divergence to the float model's predictions.")
 @click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tokenizer", "tokenizer_src", default=None)
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, steps, batch_size, micro_batch, lr, momentum,
-                        w_bits, group_size, a_bits, kv_bits, seed, save_every, device, tokenizer_src) -> None:
+                        w_bits, group_size, a_bits, kv_bits, seed, loss, save_every, device, tokenizer_src) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
-                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, save_every=save_every)
+                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, save_every=save_every)
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src)
     if s.get("finished") and s.get("rank", 0) == 0:

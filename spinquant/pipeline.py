@@ -362,8 +362,13 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         raise SpinQuantError(f"{model_src} has no tokenizer, which calibration needs: pass --tokenizer DIR")
     check_seqlen(calib.seqlen, getattr(model.config, "max_position_embeddings", None))
     windows = calibration_windows(calib, tokenizer)
+    teacher = None
+    if cfg.loss == "kl":
+        import copy
+
+        teacher = copy.deepcopy(model)
     prepare_model(model, cfg)
-    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress)
+    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress, teacher=teacher)
     out.mkdir(parents=True, exist_ok=True)
     if learner.rank == 0:
         marker.write_text(_json.dumps({"model": str(Path(model_src).resolve()) if kind != "hub" else model_src}))

@@ -63,6 +63,7 @@ class LearnConfig:
     seed: int = 0
     save_every: int = 10
     grad_checkpoint: bool = True
+    loss: str = "ce"  # "ce": next-token cross-entropy (Meta's); "kl": KL(float model || quantized model) per token
 
     def scheme(self) -> QuantScheme:
         """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
@@ -75,6 +76,8 @@ class LearnConfig:
             raise SpinQuantError(f"need steps >= 1 and a batch size ({self.batch_size}) divisible by the micro-batch ({self.micro_batch})")
         if self.lr <= 0:
             raise SpinQuantError(f"learning rate {self.lr} must be positive")
+        if self.loss not in ("ce", "kl"):
+            raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
 
 def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM:
@@ -109,8 +112,12 @@ class RotationLearner:
     """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring."""
 
     def __init__(self, model: LlamaForCausalLM, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
-                 state_dir: Path | None = None, progress: bool = True) -> None:
+                 state_dir: Path | None = None, progress: bool = True, teacher: LlamaForCausalLM | None = None) -> None:
+        """``teacher``: the original float model, needed for ``cfg.loss == "kl"`` (its logits are the target)."""
         cfg.check()
+        if cfg.loss == "kl" and teacher is None:
+            raise ValueError("loss 'kl' needs the float teacher model")
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
         self.cfg, self.device, self.state_dir, self.progress = cfg, device, state_dir, progress
         self.model = model.to(device)
         self.windows = windows
@@ -187,6 +194,11 @@ class RotationLearner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = self.model(inputs_embeds=emb, use_cache=False)
         logits = out.logits[:, :-1].float()
+        if self.cfg.loss == "kl":
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                target = F.log_softmax(self.teacher(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            logp = F.log_softmax(logits, dim=-1)
+            return (target.exp() * (target - logp)).sum(-1).mean()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     def accumulate_gradients(self, batch: torch.Tensor) -> float:
