@@ -130,3 +130,16 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
     la = json.loads((tmp_path / "one" / "losses.json").read_text())["losses"]
     lb = json.loads((tmp_path / "two" / "losses.json").read_text())["losses"]
     assert la == pytest.approx(lb, abs=1e-4)
+
+
+def test_kl_loss_is_zero_without_quantization_and_positive_with_it(tiny_model):
+    """KL(float || rotated model): rotations are exact, so only quantization makes it non-zero."""
+    untie_embeddings(tiny_model)
+    windows = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for w_bits, a_bits in ((16, 16), (4, 8)):
+        cfg = LearnConfig(steps=1, batch_size=2, micro_batch=2, w_bits=w_bits, a_bits=a_bits, loss="kl")
+        learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+                                  progress=False, teacher=copy.deepcopy(tiny_model))
+        losses[w_bits] = learner.accumulate_gradients(windows)
+    assert abs(losses[16]) < 1e-6 and losses[4] > 1e-4
