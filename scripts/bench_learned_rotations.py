@@ -96,7 +96,7 @@ def main() -> None:
         label = f"W{wbits}A{a_bits}KV{kv_bits}" + (", KL loss" if loss == "kl" else "")
         curves[f"{target} learned at {label}"] = learner.losses
         plot_learning_curve(learner.losses, out.parent / f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}.png",
-                            f"{target}: learning at {label}")
+                            f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
                    "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})

@@ -275,7 +275,7 @@ def _digest(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def plot_learning_curve(losses: list[float], path: Path, title: str = "") -> None:
+def plot_learning_curve(losses: list[float], path: Path, title: str = "", loss: str = "ce") -> None:
     """Loss per step as a PNG (matplotlib, headless)."""
     import matplotlib
 
@@ -283,9 +283,15 @@ def plot_learning_curve(losses: list[float], path: Path, title: str = "") -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1.5)
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=1.0, alpha=0.45, label="per step (each step sees other windows)")
+    k = min(10, len(losses))
+    if k > 1:
+        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=2.0, label=f"mean of the last {k} steps")
+        ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("KL to float (nats/token)" if loss == "kl" else "cross-entropy (nats/token)")
     ax.set_title(title or "rotation learning")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -306,7 +312,7 @@ def write_outputs(learner: RotationLearner, out: Path, extra: dict[str, Any] | N
                **(extra or {})}
     (out / "losses.json").write_text(json.dumps(summary, indent=2))
     try:
-        plot_learning_curve(learner.losses, out / "learning_curve.png")
+        plot_learning_curve(learner.losses, out / "learning_curve.png", loss=learner.cfg.loss)
     except ImportError:  # matplotlib is optional: the numbers are in losses.json
         pass
     return summary
