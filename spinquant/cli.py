@@ -109,22 +109,6 @@ def calibration_options(nsamples_default: int):
     return deco
 
 
-def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None, seqlen: int | None, seed: int,
-                        nsamples_default: int):
-    from spinquant.data import load_calibration_set, with_overrides
-
-    base = load_calibration_set(calib)
-    if calib_data is not None and Path(calib_data).expanduser().exists():
-        calib_data = str(Path(calib_data).expanduser().resolve())
-    fields = base.__dataclass_fields__
-    yaml_set = {k for k in fields if getattr(base, k) != fields[k].default}
-    return with_overrides(
-        base, source=calib_data, seed=seed,
-        nsamples=nsamples if nsamples is not None else (None if "nsamples" in yaml_set else nsamples_default),
-        seqlen=seqlen,
-    )
-
-
 @cli.command()
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
@@ -153,6 +137,8 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
 
     scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, a_clip=a_clip, kv_bits=kv_bits)
     wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order)
+    from spinquant.data import resolve_calibration
+
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128) if method == "gptq" else None
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
                           device=device, tokenizer_src=tokenizer_src)
@@ -218,6 +204,8 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, save_every=save_every)
+    from spinquant.data import resolve_calibration
+
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src)
     if s.get("finished") and s.get("rank", 0) == 0:

@@ -255,3 +255,19 @@ def calibration_windows(calib: CalibrationSet, tokenizer: Any, use_cache: bool =
 def with_overrides(calib: CalibrationSet, **overrides: Any) -> CalibrationSet:
     """A copy with the non-None overrides applied (CLI flags win over the YAML)."""
     return replace(calib, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None, seqlen: int | None, seed: int,
+                        nsamples_default: int) -> CalibrationSet:
+    """The calibration set of CLI options: the named/YAML set, with --calib-data/--nsamples/--seqlen/--seed on top.
+    nsamples: the flag, else the YAML's, else the stage's default."""
+    base = load_calibration_set(calib)
+    if calib_data is not None and Path(calib_data).expanduser().exists():
+        calib_data = str(Path(calib_data).expanduser().resolve())
+    fields = base.__dataclass_fields__
+    yaml_set = {k for k in fields if getattr(base, k) != fields[k].default}
+    return with_overrides(
+        base, source=calib_data, seed=seed,
+        nsamples=nsamples if nsamples is not None else (None if "nsamples" in yaml_set else nsamples_default),
+        seqlen=seqlen,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +338,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
 
     import torch.distributed as dist
 
-    from spinquant.atomic import atomic_file
     from spinquant.data import calibration_windows
     from spinquant.evaluate import check_seqlen
     from spinquant.rotation import RotationLearner, prepare_model, write_outputs

@@ -21,7 +21,6 @@ every ``save_every`` steps; a restarted run continues from the last save with th
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

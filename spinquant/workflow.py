@@ -130,7 +130,7 @@ def _log(msg: str) -> None:
 
 
 def _calibration(opts: CalibrateOptions, nsamples: int):
-    from spinquant.cli import resolve_calibration
+    from spinquant.data import resolve_calibration
 
     return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples)
 

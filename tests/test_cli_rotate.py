@@ -1,6 +1,5 @@
 """`spinquant rotate`: the output is a working model, R.bin has the SpinQuant layout, writes are atomic."""
 
-import pytest
 import torch
 from click.testing import CliRunner
 from transformers import LlamaForCausalLM

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spinquant.data import (CalibrationSet, calibration_windows, load_calibration_set, load_rows, rows_to_texts,
-                            sample_windows, tokenize_stream, with_overrides)
+                            sample_windows, with_overrides)
 from spinquant.errors import SpinQuantError
 
 

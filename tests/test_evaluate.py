@@ -3,7 +3,6 @@
 import json
 import math
 
-import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer, LlamaForCausalLM

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import LlamaForCausalLM
 
 from spinquant.cli import cli
 from spinquant.errors import SpinQuantError

@@ -15,8 +15,7 @@ from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
-from spinquant.quant.scheme import META_8DA4W, W4A4KV4, QuantScheme
-from spinquant.errors import SpinQuantError
+from spinquant.quant.scheme import META_8DA4W, QuantScheme
 from tests.helpers import rel_diff
 
 
