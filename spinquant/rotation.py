@@ -35,7 +35,8 @@ from transformers import LlamaForCausalLM
 
 from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
-from spinquant.fusion import Rotations, apply_rotations, fuse_norms, head_dim, orthogonality_error, save_rbin
+from spinquant.fusion import (ORTHOGONALITY_TOL, Rotations, apply_rotations, fuse_norms, head_dim, orthogonality_error,
+                              save_rbin)
 from spinquant.hadamard import random_hadamard_matrix
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
@@ -263,7 +264,7 @@ class RotationLearner:
         r2 = [m.detach().double().cpu() for m in self.r2]
         for name, q in [("R1", r1)] + [(f"R2[{i}]", m) for i, m in enumerate(r2)]:
             err = orthogonality_error(q)
-            if not err < 1e-4:
+            if not err < ORTHOGONALITY_TOL:
                 raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
         return Rotations(r1=r1, r2=r2, r4=True)
 
