@@ -4,10 +4,10 @@
 For Meta's 8da4w scheme and for W4A4KV4: learn R1/R2 from the seeded random Hadamard on the
 calibration text, then GPTQ (+range setting) with the learned rotations and with the random
 Hadamard start; report WikiText-2 test PPL, KL(float || quantized) and top-1 agreement on the same
-windows, the loss curves, and the times. Writes benchmarks/results/learned_rotations.{md,json} and
-the learning curves as PNG beside them.
+windows, the loss curves, and the times. Writes benchmarks/results/learned_rotations_v2.{md,json}
+(or --out) and the learning curves as PNG beside them.
 
-    python scripts/bench_learned_rotations.py --steps 100 --batch-size 8 --learn-seqlen 256
+    python scripts/bench_learned_rotations.py --variants 8da4w:4:kl:gptq,w4a4kv4:16:kl
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="8da4w:16,8da4w:4,w4a4kv4:16",
-                    help="target:learning-weight-bits[:loss] (16 = Meta's W16 learning, 4 = learn against RTN int4 weights; "
-                         "loss ce (default) or kl = distillation from the float model)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations"))
+                    help="target:learning-weight-bits[:loss[:weight-quant]] (16 = Meta's W16 learning, 4 = learn against int4 "
+                         "weights; loss ce (default) or kl = distillation from the float model; weight-quant rtn (default) or "
+                         "gptq = GPTQ of the current rotation in the loop)")
+    ap.add_argument("--hadamard-seeds", default="", help="Comma list of further random-Hadamard seeds to evaluate per target "
+                    "(the spread a learned rotation must beat); a variant 'TARGET:none' evaluates only those.")
+    ap.add_argument("--no-baseline", action="store_true", help="Skip the random Hadamard row of --seed (already measured: same seed, same numbers).")
+    ap.add_argument("--rtn", action="store_true", help="Also evaluate every rotation with RTN + range setting (no GPTQ).")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations_v2"))
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,14 +72,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
 
-    def gptq_eval(name, rot, scheme, extra):
+    def quantized_eval(rot, scheme, method):
         model = copy.deepcopy(base)
         fuse_and_rotate(model, rot)
         t = time.perf_counter()
-        quantize_model(model.to(device), scheme, WeightQuantConfig(method="gptq", clip_search=True), gptq_windows, progress=False)
+        quantize_model(model.to(device), scheme, WeightQuantConfig(method=method, clip_search=True), gptq_windows, progress=False)
         tq = time.perf_counter() - t
-        r = evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False)
+        return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), tq
+
+    def gptq_eval(name, rot, scheme, extra):
+        r, tq = quantized_eval(rot, scheme, "gptq")
         row = {"setting": name, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "gptq_s": tq, **extra}
+        if args.rtn:
+            r_rtn, _ = quantized_eval(rot, scheme, "rtn")
+            row.update(rtn_ppl=r_rtn.ppl, rtn_kl=r_rtn.kl, rtn_top1=r_rtn.top1)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -82,21 +93,29 @@ def main() -> None:
     for variant in args.variants.split(","):
         target, wbits, *rest = variant.split(":")
         loss = rest[0] if rest else "ce"
+        weight_quant = rest[1] if len(rest) > 1 else "rtn"
         scheme = schemes[target]
         if target not in done_hadamard:
-            gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed), scheme, {"target": target})
+            if not args.no_baseline:
+                gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed), scheme, {"target": target})
+            for extra_seed in [int(x) for x in args.hadamard_seeds.split(",") if x]:
+                gptq_eval(f"{target} random Hadamard (seed {extra_seed}) + GPTQ", Rotations.random_hadamard(base, extra_seed), scheme,
+                          {"target": target, "hadamard_seed": extra_seed})
             done_hadamard.add(target)
+        if wbits == "none":
+            continue
         a_bits, kv_bits = (4, 4) if target == "w4a4kv4" else (8, 16)
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
-                          group_size=scheme.group or 32, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
-                          loss=loss)
+                          group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
+                          loss=loss, weight_quant=weight_quant)
         learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
                                   teacher=copy.deepcopy(base) if loss == "kl" else None)
         learner.run()
-        label = f"W{wbits}A{a_bits}KV{kv_bits}" + (", KL loss" if loss == "kl" else "")
+        label = (f"W{wbits}A{a_bits}KV{kv_bits}" + (", GPTQ in the loop" if weight_quant == "gptq" else "")
+                 + (", KL loss" if loss == "kl" else ", CE loss"))
         curves[f"{target} learned at {label}"] = learner.losses
-        plot_learning_curve(learner.losses, out.parent / f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}.png",
-                            f"{target}: learning at {label}", loss=loss)
+        stem = f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
+        plot_learning_curve(learner.losses, out.parent / f"{stem}.png", f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
                    "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})
@@ -109,11 +128,13 @@ def main() -> None:
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
              f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip: {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
-             "| setting | PPL | KL | top-1 | learn time (s) | loss first 10 -> last 10 steps |", "|---|---:|---:|---:|---:|---|"]
+             "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         learn = f"{r['learn_s']:.0f}" if "learn_s" in r else "-"
-        loss = f"{r['loss_first10']:.3f} -> {r['loss_last10']:.3f}" if "loss_first10" in r else "-"
-        lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {r['kl']:.4f} | {100 * r['top1']:.2f}% | {learn} | {loss} |")
+        loss = f"{r['loss_first10']:.4f} -> {r['loss_last10']:.4f}" if "loss_first10" in r else "-"
+        rtn = f"{r['rtn_kl']:.5f}" if "rtn_kl" in r else "-"
+        lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {rtn} | {learn} | {loss} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -196,18 +196,22 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 @click.option("--seed", default=0, show_default=True)
 @click.option("--loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
               help="ce: cross-entropy on the text (Meta's); kl: KL divergence to the float model's predictions.")
+@click.option("--weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="With --w-bits < 16: the int4 weights the loss sees: round-to-nearest, or GPTQ of the current rotation "
+                   "(every step; the final quantizer's weights).")
 @click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tokenizer", "tokenizer_src", default=None)
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, steps, batch_size, micro_batch, lr, momentum,
-                        w_bits, group_size, a_bits, kv_bits, seed, loss, save_every, device, tokenizer_src) -> None:
+                        w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, device, tokenizer_src) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
-                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, save_every=save_every)
+                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
+                      save_every=save_every)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
@@ -236,6 +240,10 @@ def _target_help() -> str:
 @click.option("--micro-batch", default=1, show_default=True)
 @click.option("--lr", default=1.5, show_default=True)
 @click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
+@click.option("--learn-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="Learning objective: ce = cross-entropy on the text (Meta's), kl = KL divergence to the float model.")
+@click.option("--learn-weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="With --learn-w-bits 4: int4 weights in the loop by round-to-nearest or by GPTQ of the current rotation.")
 @click.option("--gptq-nsamples", default=128, show_default=True)
 @click.option("--pte/--no-pte", default=True, show_default=True)
 @click.option("--eval-data", default="wikitext2", show_default=True, help="Evaluation text for the report (wikitext2 = hub test split, or a local file).")

@@ -14,8 +14,17 @@ per-token int8 activations). Each step then
 3. back-propagates the accumulated gradients through the rotation graph once, all-reduces the
    rotation gradients across ranks (torchrun), and takes one Riemannian SGD step.
 So the rotations cost two matmul passes per step, not one per micro-batch, and the embedding is
-rotated only for the tokens of the batch. State (rotations, optimizer, scheduler, losses) is saved
-every ``save_every`` steps; a restarted run continues from the last save with the same result.
+rotated only for the tokens of the batch.
+
+What the loss sees (all flags of :class:`LearnConfig`): Meta's recipe learns at W16A8 (or W16A4KV4)
+with the cross-entropy on the text. ``w_bits=4`` puts int4 weights in the loop, round-to-nearest
+(``weight_quant="rtn"``) or the GPTQ weights of the current rotation (``"gptq"``, rotation_gptq.py);
+``loss="kl"`` replaces the cross-entropy by KL(float model || quantized model), the quantity the
+rotations are judged by. Gradients reach the rotations through the straight-through rounding and
+through the quantization scales (quant/primitives.py explains why the scale path matters).
+
+State (rotations, optimizer, scheduler, losses) is saved every ``save_every`` steps; a restarted run
+continues from the last save with the same result.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from spinquant.fusion import (ORTHOGONALITY_TOL, Rotations, apply_rotations, fus
 from spinquant.hadamard import random_hadamard_matrix
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
+from spinquant.rotation_gptq import collect_hessians, gptq_integers
 
 STATE_FILE = "learn_state.pt"
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # W R1
@@ -64,6 +74,8 @@ class LearnConfig:
     save_every: int = 10
     grad_checkpoint: bool = True
     loss: str = "ce"  # "ce": next-token cross-entropy (Meta's); "kl": KL(float model || quantized model) per token
+    weight_quant: str = "rtn"  # int4 weights in the loop (w_bits < 16): "rtn", or "gptq" (see rotation_gptq.py)
+    gptq_windows: int = 64  # calibration windows whose inputs give the in-the-loop GPTQ Hessians
 
     def scheme(self) -> QuantScheme:
         """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
@@ -76,6 +88,11 @@ class LearnConfig:
             raise SpinQuantError(f"need steps >= 1 and a batch size ({self.batch_size}) divisible by the micro-batch ({self.micro_batch})")
         if self.lr <= 0:
             raise SpinQuantError(f"learning rate {self.lr} must be positive")
+        if self.weight_quant not in ("rtn", "gptq"):
+            raise SpinQuantError(f"unknown weight quantizer '{self.weight_quant}': choose rtn or gptq")
+        if self.weight_quant == "gptq" and self.w_bits >= FLOAT:
+            raise SpinQuantError("GPTQ in the learning loop needs int4/int8 weights while learning: set --w-bits 4 "
+                                 "(calibrate: --learn-w-bits 4)")
         if self.loss not in ("ce", "kl"):
             raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
@@ -148,6 +165,9 @@ class RotationLearner:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # activates checkpointing; Llama has no dropout
+        self.hessians = None
+        if cfg.weight_quant == "gptq":
+            self.hessians = collect_hessians(model, windows[: cfg.gptq_windows])
 
     # --- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -210,6 +230,11 @@ class RotationLearner:
         r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
         for k, leaf in leaves.items():
             self.linears[k].weight_override = leaf
+        if self.hessians is not None:
+            chosen = gptq_integers(leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads, cfg.w_bits,
+                                   cfg.group_size, clip_search=True)
+            for k, integers in chosen.items():
+                self.linears[k].weight_integers = integers
         total = 0.0
         try:
             micro = [batch[i : i + cfg.micro_batch] for i in range(0, batch.shape[0], cfg.micro_batch)]
@@ -222,6 +247,7 @@ class RotationLearner:
         finally:
             for k in leaves:
                 self.linears[k].weight_override = None
+                self.linears[k].weight_integers = None
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in rotated]
         torch.autograd.backward(list(rotated.values()), grads)
         if r1_leaf.grad is not None:

@@ -47,6 +47,8 @@ class CalibrateOptions:
     micro_batch: int = 1
     lr: float = 1.5
     learn_w_bits: int = 16
+    learn_loss: str = "ce"
+    learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
     pte: bool = True
     eval_data: str = "wikitext2"
@@ -257,6 +259,11 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     config = load_config(opts.model)  # validates the architecture before any work
     if target.scheme is not None:
         target.scheme.check_model(config)
+    learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
+                            w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
+                            kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant)
+    if learn:
+        learn_cfg.check()  # bad learning options fail before any work or output directory
     nsamples = opts.nsamples or opts.steps * opts.batch_size
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
@@ -271,9 +278,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
     else:
         t = time.perf_counter()
-        cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
-                          w_bits=opts.learn_w_bits, a_bits=8, kv_bits=16, seed=opts.seed)
-        learn_rotations(opts.model, str(run.dir), cfg, _calibration(opts, nsamples), device=opts.device, tokenizer_src=opts.tokenizer)
+        learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device, tokenizer_src=opts.tokenizer)
         run.mark("learn", time.perf_counter() - t)
     for stage in ("quantize", "export", "report"):
         if run.done(stage):

@@ -5,7 +5,8 @@ import torch
 from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
 from torchao.quantization.utils import per_token_dynamic_quant
 
-from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
+from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym, fake_quant_weight,
+                                        fake_quant_weight_given_integers,
                                         quantize_weight, weight_scales)
 from spinquant.quant.range_setting import search_scales
 
@@ -63,7 +64,50 @@ def test_clip_search_never_worse_than_no_clip():
     assert (err(searched) <= err(plain) + 1e-6).all() and err(searched).sum() < 0.9 * err(plain).sum()
 
 
-def test_straight_through_gradients():
-    x = torch.randn(4, 32, requires_grad=True)
-    fake_quant_per_token_asym(x, 4).sum().backward()
-    assert torch.allclose(x.grad, torch.ones_like(x), atol=1e-6)
+def test_straight_through_gradients_reach_the_scales():
+    """STE on round (gradient 1 for every element) plus the scale path at each token's min and max element:
+    d/d hi = -d/d lo = sum_j g_j r_j / 15 with r_j = round(x_j/s) - x_j/s (zero point detached)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, dtype=torch.float64).clamp(-2.0, 2.0)
+    x[:, 0] = 3.0  # a clear max and min per token, nothing clamped
+    x[:, 1] = -2.5
+    g = torch.randn(4, 32, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    fake_quant_per_token_asym(xr, 4).backward(g)
+    s = (3.0 + 2.5) / 15
+    r = torch.round(x / s) - x / s
+    scale_term = (g * r).sum(-1) / 15
+    expected = g.clone()
+    expected[:, 0] += scale_term
+    expected[:, 1] -= scale_term
+    assert torch.allclose(xr.grad, expected.to(xr.grad.dtype), atol=1e-5)
+    assert scale_term.abs().min() > 1e-3  # the scale path is really there
+
+    w = torch.randn(8, 64, requires_grad=True)
+    fake_quant_weight(w, 4, 32).sum().backward()
+    absmax_pos = w.detach().abs().reshape(8, 2, 32).argmax(-1)
+    grad = w.grad.reshape(8, 2, 32)
+    others = torch.ones_like(grad, dtype=torch.bool).scatter_(-1, absmax_pos[..., None], False)
+    assert torch.allclose(grad[others], torch.ones_like(grad[others]))  # STE elsewhere
+    assert (grad.gather(-1, absmax_pos[..., None]) != 1).all()  # the group maximum feeds the scale
+
+
+def test_weight_given_integers_forward_and_gradient():
+    """GPTQ-in-the-loop weights: forward q * s exactly; gradient 1 everywhere plus, at each group's max|w|,
+    the scale path with these integers' residuals: sign(w_max) / max|w| * ratio-scaled sum_j (q_j - w_j / s)."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 64, dtype=torch.float64)
+    scales = 0.9 * weight_scales(w, 4, 32)  # a clip ratio of 0.9, as range setting might choose
+    q = quantize_weight(w, scales, 4, 32)
+    q[0, 3] += 1  # integers that are not round-to-nearest (GPTQ moves some)
+    wr = w.clone().requires_grad_(True)
+    out = fake_quant_weight_given_integers(wr, q, scales, 32)
+    assert torch.allclose(out.detach(), dequantize_weight(q, scales, 32, torch.float64), rtol=1e-12, atol=0)
+    out.sum().backward()
+    g = wr.grad.reshape(4, 2, 32)
+    wg, qg, sg = w.reshape(4, 2, 32), q.reshape(4, 2, 32).double(), scales[..., None]
+    pos = wg.abs().argmax(-1, keepdim=True)
+    # d s / d w_max = s / max|w| * sign(w_max); the scale term sums the residuals (q - w/s) of the group
+    scale_term = (qg - wg / sg).sum(-1, keepdim=True) * sg / wg.abs().amax(-1, keepdim=True) * torch.sign(wg.gather(-1, pos))
+    expected = torch.ones_like(g).scatter_add_(-1, pos, scale_term)
+    assert torch.allclose(g, expected, atol=1e-9)

@@ -143,3 +143,67 @@ def test_kl_loss_is_zero_without_quantization_and_positive_with_it(tiny_model):
                                   progress=False, teacher=copy.deepcopy(tiny_model))
         losses[w_bits] = learner.accumulate_gradients(windows)
     assert abs(losses[16]) < 1e-6 and losses[4] > 1e-4
+
+
+def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(tiny_model):
+    """weight_quant='gptq': (1) the collected Hessians rotated analytically (Qᵀ H Q) equal the Hessians observed
+    in the fused, rotated model; (2) the learning loss equals the loss of that model with GPTQ int4 weights
+    (an independent construction), and differs from the RTN loss."""
+    from spinquant.quant.apply import SEQUENTIAL_GROUPS
+    from spinquant.quant.gptq import gptq_quantize
+    from spinquant.quant.scheme import QuantScheme
+    from spinquant.rotation_gptq import _input_rotation, collect_hessians
+
+    untie_embeddings(tiny_model)
+    windows = torch.randint(0, tiny_model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
+    cfg = LearnConfig(steps=3, batch_size=4, micro_batch=4, lr=0.5, w_bits=4, a_bits=8, weight_quant="gptq", gptq_windows=8,
+                      grad_checkpoint=False)
+    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+    learner.run(stop_after=1)  # rotations away from the Hadamard start
+    rot = learner.rotations()
+
+    direct = copy.deepcopy(tiny_model)
+    fuse_and_rotate(direct, rot)
+    make_fake_quant(direct, QuantScheme(w_bits=16, a_bits=16, output_w_bits=16, output_a_bits=16, embedding_bits=16))
+    observed = collect_hessians(direct, windows)
+    heads = tiny_model.config.num_attention_heads
+    for (i, first), h in observed.items():
+        q = _input_rotation(first, learner.r1.detach(), learner.r2[i].detach(), heads)
+        rotated_h = learner.hessians[(i, first)] if q is None else q.T @ learner.hessians[(i, first)] @ q
+        assert (rotated_h - h).abs().max() < 1e-5 * h.abs().max()
+
+    direct = copy.deepcopy(tiny_model)
+    fuse_and_rotate(direct, rot)
+    make_fake_quant(direct, cfg.scheme())
+    for i, layer in enumerate(direct.model.layers):
+        for group in SEQUENTIAL_GROUPS:
+            lins = [layer.get_submodule(n) for n in group]
+            qint, scales = gptq_quantize(torch.cat([lin.weight.detach().float() for lin in lins]), observed[(i, group[0])], 4, 32)
+            for lin, part_q, part_s in zip(lins, qint.split([lin.out_features for lin in lins]),
+                                           scales.split([lin.out_features for lin in lins])):
+                lin.set_quantized(part_q, part_s)
+    batch = learner._batch(learner.step)
+    with torch.no_grad():
+        logits = direct(batch).logits[:, :-1]
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+    ours = learner.accumulate_gradients(batch)
+    learner.hessians = None  # the same step with RTN weights
+    rtn = learner.accumulate_gradients(batch)
+    assert ours == pytest.approx(expected, rel=2e-4)
+    assert abs(rtn - expected) > 20 * abs(ours - expected)
+    learner.hessians = collect_hessians(learner.model, windows[: cfg.gptq_windows])
+    learner.run()
+    assert learner.step == 3 and all(torch.isfinite(torch.tensor(learner.losses)))
+    assert orthogonality_error(learner.rotations().r1) < 1e-4
+
+
+def test_cli_gptq_in_the_loop_and_its_bad_input(tiny_model_dir, corpus_file, tmp_path):
+    base = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "2",
+            "--batch-size", "2", "--seqlen", "48", "--weight-quant", "gptq", "--loss", "kl"]
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad")])  # W16 has no int4 weights to GPTQ
+    assert r.exit_code != 0 and "--w-bits 4" in r.output and not (tmp_path / "bad" / "R.bin").exists()
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "ok"), "--w-bits", "4"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "ok" / "losses.json").read_text())
+    assert summary["config"]["weight_quant"] == "gptq" and summary["config"]["loss"] == "kl" and len(summary["losses"]) == 2
+    assert orthogonality_error(load_rbin(tmp_path / "ok" / "R.bin").r1) < 1e-4

@@ -136,7 +136,8 @@ def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"),
                                  "--calib-data", str(empty), *FAST])
     _one_line_error(r, "is empty")
-    for o in ("o1", "o2", "o3"):
+    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o5", corpus_file, "--learn-weight-quant", "gptq"), "--w-bits 4")
+    for o in ("o1", "o2", "o3", "o5"):
         assert not (tmp_path / o).exists()
     assert not (tmp_path / "o4" / "report.json").exists() and not (tmp_path / "o4" / "stages.json").exists()
 

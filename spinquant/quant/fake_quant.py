@@ -25,7 +25,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from spinquant.fusion import HadamardInputLinear
 from spinquant.hadamard import OnlineHadamard, apply_hadamard
 from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
-                                        fake_quant_per_token_sym, fake_quant_weight)
+                                        fake_quant_per_token_sym, fake_quant_weight,
+                                        fake_quant_weight_given_integers)
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -42,6 +43,9 @@ class QuantLinear(nn.Module):
     ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
     ``weight_override``, when set, replaces ``weight`` in the forward (rotation learning feeds the
     rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
+    ``weight_integers`` ('dynamic' mode only), when set to (q, scales), replaces round-to-nearest: the
+    forward uses ``q * scales`` (rotation learning with GPTQ in the loop), the gradient is the STE plus
+    the scale path (:func:`~spinquant.quant.primitives.fake_quant_weight_given_integers`).
     """
 
     def __init__(self, linear: nn.Linear, w_bits: int, group_size: int | None, a_bits: int, a_symmetric: bool = False,
@@ -59,6 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", None)
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.weight_override: torch.Tensor | None = None
+        self.weight_integers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
@@ -72,6 +77,8 @@ class QuantLinear(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         w = self.weight if self.weight_override is None else self.weight_override
         if self.weight_mode == "dynamic" and self.w_bits < FLOAT:
+            if self.weight_integers is not None:
+                return fake_quant_weight_given_integers(w, *self.weight_integers, self.group_size)
             return fake_quant_weight(w, self.w_bits, self.group_size)
         return w
 

@@ -16,6 +16,14 @@ Formulas (per block = per group of a weight row, or per token of an activation):
   8-bit output layer (torchao's default) -- exactly as ExecuTorch's two linears do.
 - symmetric per-token activations (research settings): s = max|x| / (2^(b-1)-1).
 ``round`` is round-half-to-even (torch.round), as in torchao.
+
+Gradients (rotation learning): ``round`` passes the gradient straight through (STE), and the scales
+stay differentiable through max|w| / the token's min and max (zero points are detached). The scale
+path carries the signal that matters: its gradient, sum_j g_j * (round(x_j/s) - x_j/s) * ds/dx, has
+the expectation (rounding residuals as uniform noise of variance s^2/12) of the gradient of the
+expected loss increase 1/2 * tr(Hessian) * s^2/12, so a rotation learns to shrink the ranges the loss
+is sensitive to. With detached scales the STE gradient only "rotates the frozen rounding error",
+which does not lower the quantized loss (measured: benchmarks/results/learned_rotations.md).
 """
 
 from __future__ import annotations
@@ -70,9 +78,19 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int | N
 def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Round-to-nearest fake quantization of a weight with STE (used while learning rotations at W4)."""
     qmin, qmax = qrange(bits)
-    s = weight_scales(w.detach(), bits, group_size, clip)[..., None]
+    s = weight_scales(w, bits, group_size, clip)[..., None]  # differentiable: see the module docstring
     wg = _grouped(w, group_size)
     return (torch.clamp(round_ste(wg / s), qmin, qmax) * s).reshape(w.shape)
+
+
+def fake_quant_weight_given_integers(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Forward ``q * scales`` (integers (out, in) and scales (out, in / g) chosen elsewhere: GPTQ in the learning
+    loop); gradient: identity (STE) plus the scale path, the scales tied to each group's max|w| at their clip
+    ratio, so d/dw = 1 + (q - w/s) * ds/dw -- the residuals of these integers, not of round-to-nearest."""
+    absmax = weight_absmax(w, group_size).clamp_min(torch.finfo(torch.float32).tiny)
+    s = (absmax * (scales / absmax).detach())[..., None]
+    u = _grouped(w, group_size) / s
+    return (s * (u + (_grouped(q.to(u.dtype), group_size) - u).detach())).reshape(w.shape)
 
 
 def fake_quant_per_token_asym(x: torch.Tensor, bits: int, eps: float = EPS_8DA4W, clip: float = 1.0) -> torch.Tensor:
@@ -85,7 +103,7 @@ def fake_quant_per_token_asym(x: torch.Tensor, bits: int, eps: float = EPS_8DA4W
     qmin, qmax = qrange(bits)
     lo = torch.clamp(x.amin(dim=-1, keepdim=True) * clip, max=0.0)
     hi = torch.clamp(x.amax(dim=-1, keepdim=True) * clip, min=0.0)
-    s = torch.clamp((hi - lo) / float(qmax - qmin), min=eps).detach()
+    s = torch.clamp((hi - lo) / float(qmax - qmin), min=eps)  # differentiable: see the module docstring
     z = torch.clamp(qmin - torch.round(lo / s), qmin, qmax).detach()
     q = torch.clamp(round_ste(x * (1.0 / s)) + z, qmin, qmax)
     return ((q - z) * s).to(dtype)
@@ -96,5 +114,5 @@ def fake_quant_per_token_sym(x: torch.Tensor, bits: int, clip: float = 1.0) -> t
     dtype = x.dtype
     x = x.float()
     qmin, qmax = qrange(bits)
-    s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * clip / qmax, min=EPS_8DA4W).detach()
+    s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * clip / qmax, min=EPS_8DA4W)
     return (torch.clamp(round_ste(x / s), qmin, qmax) * s).to(dtype)
