@@ -30,8 +30,7 @@ from spinquant.pipeline import export_run, quantize_to_run
 from spinquant.pte import PteModel
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W
-
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _common import SHARED
 
 
 def decode_tokens_per_s(pte: PteModel, n: int = 128) -> float:

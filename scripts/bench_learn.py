@@ -25,8 +25,7 @@ import torch
 
 from spinquant.models import load_model, untie_embeddings
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
-
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _common import SHARED
 
 
 def llama_1b_shaped() -> torch.nn.Module:

@@ -18,20 +18,18 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
-from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
 from spinquant.rotation import LearnConfig, RotationLearner, plot_learning_curve, prepare_model
-
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _common import SHARED, quantized_copy
 
 
 def main() -> None:
@@ -73,12 +71,9 @@ def main() -> None:
     rows, curves = [], {}
 
     def quantized_eval(rot, scheme, method):
-        model = copy.deepcopy(base)
-        fuse_and_rotate(model, rot)
-        t = time.perf_counter()
-        quantize_model(model.to(device), scheme, WeightQuantConfig(method=method, clip_search=True), gptq_windows, progress=False)
-        tq = time.perf_counter() - t
-        return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), tq
+        wq = WeightQuantConfig(method=method, clip_search=True)
+        model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
+        return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
 
     def gptq_eval(name, rot, scheme, extra):
         r, tq = quantized_eval(rot, scheme, "gptq")

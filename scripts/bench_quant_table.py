@@ -24,12 +24,11 @@ import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
-from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
-
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _common import SHARED, quantized_copy
 
 
 def main() -> None:
@@ -66,11 +65,9 @@ def main() -> None:
     for scheme_name, scheme in (("8da4w (Meta)", META_8DA4W), ("W4A4KV4", W4A4KV4)):
         for rotation in ("none", "hadamard"):
             for method, clip in (("rtn", False), ("rtn", True), ("gptq", True)):
-                model = copy.deepcopy(base)
                 t = time.perf_counter()
-                if rotation == "hadamard":
-                    fuse_and_rotate(model, Rotations.random_hadamard(model, args.seed))
-                quantize_model(model, scheme, WeightQuantConfig(method=method, clip_search=clip), calib, progress=False)
+                rot = Rotations.random_hadamard(base, args.seed) if rotation == "hadamard" else None
+                model = quantized_copy(base, rot, scheme, WeightQuantConfig(method=method, clip_search=clip), calib)
                 label = {("rtn", False): "RTN", ("rtn", True): "RTN+clip", ("gptq", True): "GPTQ+clip"}[(method, clip)]
                 record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)
 

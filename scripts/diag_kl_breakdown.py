@@ -14,7 +14,6 @@ R2 the inputs of o_proj and the V cache; the inputs of down_proj (behind the fix
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -24,13 +23,13 @@ from pathlib import Path
 import torch
 
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
-from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.fake_quant import quant_linears
 from spinquant.quant.scheme import FLOAT, QuantScheme
+from _common import SHARED, quantized_copy
 
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FLOAT_REST = dict(output_w_bits=FLOAT, output_a_bits=FLOAT, embedding_bits=FLOAT)
 
 
@@ -51,9 +50,7 @@ def main() -> None:
     rot = Rotations.random_hadamard(base, args.seed)
 
     def kl(scheme: QuantScheme, inputs_of: tuple[str, ...] | None = None) -> float:
-        model = copy.deepcopy(base)
-        fuse_and_rotate(model, rot)
-        quantize_model(model, scheme, WeightQuantConfig(method="rtn", clip_search=False), progress=False)
+        model = quantized_copy(base, rot, scheme, WeightQuantConfig(method="rtn", clip_search=False))
         if inputs_of is not None:  # activation quantization only in front of these linears
             for name, lin in quant_linears(model):
                 if not name.endswith(inputs_of):

@@ -10,22 +10,18 @@ WikiText-2 test, and how far R1 has moved from its Hadamard start (relative Frob
 """
 import argparse
 import copy
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import fuse_and_rotate
 from spinquant.models import load_model, load_tokenizer
-from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import FLOAT, QuantScheme
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
-
-SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _common import SHARED, quantized_copy
 
 
 def main() -> None:
@@ -55,9 +51,7 @@ def main() -> None:
                          output_w_bits=FLOAT, output_a_bits=FLOAT, embedding_bits=FLOAT)
 
     def probe_kl(rot) -> tuple[float, float]:
-        model = copy.deepcopy(base)
-        fuse_and_rotate(model, rot)
-        quantize_model(model, scheme, WeightQuantConfig(method="rtn", clip_search=False), progress=False)
+        model = quantized_copy(base, rot, scheme, WeightQuantConfig(method="rtn", clip_search=False))
         r = evaluate(hf_logits_fn(model), probe, reference, progress=False)
         return r.kl, r.ppl
 

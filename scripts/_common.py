@@ -1,0 +1,31 @@
+"""What the benchmark and diagnostic scripts share: where ../shared is, and "quantize a rotated copy".
+
+The scripts run as ``python scripts/NAME.py``, so this directory is on ``sys.path`` and they import
+``from _common import ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.scheme import QuantScheme
+
+SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def quantized_copy(base: LlamaForCausalLM, rot: Rotations | None, scheme: QuantScheme, wq: WeightQuantConfig,
+                   calib: torch.Tensor | None = None, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """A deep copy of ``base`` with norms fused and rotated by ``rot`` (None: left unrotated), fake-quantized
+    under ``scheme`` on ``device`` (GPTQ uses ``calib`` windows); ``wq.stats["quantize_seconds"]`` then holds
+    the quantization time alone."""
+    model = copy.deepcopy(base)
+    if rot is not None:
+        fuse_and_rotate(model, rot)
+    return quantize_model(model.to(device), scheme, wq, calib, progress=False)
