@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -21,18 +22,50 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+# errors of the machine or file system, not of spinquant: one line naming the file, exit 2, no traceback
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                      errno.ENAMETOOLONG, errno.EFBIG}
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that cleanup (temp files, the exporter's process group) runs as on ^C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def friendly_errors(fn):
-    """Turn SpinQuantError (bad input) into one line on stderr and exit status 2, no traceback."""
+    """Turn bad input (SpinQuantError) and file-system errors (disk full, read-only, no permission) into one line on
+    stderr and exit status 2, no traceback; ^C / SIGTERM into one line and 130 / 143 after cleanup."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SpinQuantError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {' '.join(str(exc).split())}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}: nothing was half-written and earlier results are unharmed; "
+                       f"free space or fix the permissions and re-run", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; finished stages are kept: re-run the same command to resume", err=True)
+            sys.exit(130)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); finished stages are kept: re-run the same command to resume", err=True)
+            sys.exit(143)
 
     return wrapper
+
+
+def overwrite_option(fn):
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an --out that holds something else (never an input). Without it such an --out is refused.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +76,7 @@ def cli() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bars say what runs; weight loading is quick
+    transformers.utils.logging.set_verbosity_error()  # load reports and deprecation notes are not for our users
 
 
 @cli.command()
@@ -50,12 +84,13 @@ def cli() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard signs.")
 @click.option("--r4/--no-r4", default=True, show_default=True, help="Fold R4 into down_proj and keep an online Hadamard before it.")
+@overwrite_option
 @friendly_errors
-def rotate(model_src: str, out_dir: str, seed: int, r4: bool) -> None:
+def rotate(model_src: str, out_dir: str, seed: int, r4: bool, overwrite: bool) -> None:
     """Fuse norms and apply random-Hadamard R1/R2 (and R4): a float model that computes the same function."""
     from spinquant.pipeline import rotate_model
 
-    report = rotate_model(model_src, out_dir, seed=seed, r4=r4)
+    report = rotate_model(model_src, out_dir, seed=seed, r4=r4, overwrite=overwrite)
     click.echo(
         f"wrote {out_dir} (R.bin + HF model{' with online R4' if r4 else ''}); verified after reload: "
         f"max relative logit difference {report['max_rel_diff']:.2e}"
@@ -102,6 +137,7 @@ def calibration_options(nsamples_default: int):
             click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet or a folder) or hub:NAME[:CONFIG[:SPLIT]]; replaces the set's source."),
             click.option("--nsamples", type=int, default=None, help=f"Calibration windows [default: the set's, else {nsamples_default}]."),
             click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [default: the set's, else 2048]."),
+            click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: the set's, else text]; rows with 'messages' are chat."),
         ]):
             fn = opt(fn)
         return fn
@@ -127,9 +163,10 @@ def calibration_options(nsamples_default: int):
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
+@overwrite_option
 @friendly_errors
 def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
-             percdamp, calib, calib_data, nsamples, seqlen, seed, device, tokenizer_src) -> None:
+             percdamp, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
     from spinquant.quant.apply import WeightQuantConfig
@@ -139,9 +176,9 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
     wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order)
     from spinquant.data import resolve_calibration
 
-    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128) if method == "gptq" else None
+    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field) if method == "gptq" else None
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
-                          device=device, tokenizer_src=tokenizer_src)
+                          device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
     click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}, "
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
 
@@ -151,21 +188,22 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
 @click.option("--out", "out_dir", default=None, help="Where to write (default: the run directory).")
 @click.option("--pte/--no-pte", default=True, show_default=True, help="Also build model.pte with executorch's export_llama and verify it.")
 @click.option("--verify-data", default=None, help="Text to verify the .pte on (default: the run's calibration text, else WikiText-2).")
-@click.option("--verify-windows", default=4, show_default=True)
-@click.option("--verify-seqlen", default=512, show_default=True)
+@click.option("--verify-windows", default=4, show_default=True, help="Windows of text the .pte and our model are compared on.")
+@click.option("--verify-seqlen", default=512, show_default=True, help="Tokens per verification window.")
 @click.option("--max-seq-len", default=2048, show_default=True, help="The .pte's maximum sequence length.")
 @click.option("--full-logits", is_flag=True, help="Export a .pte that returns logits for every position (for evaluation).")
 @click.option("--min-top1", default=0.95, show_default=True, help="Verification: least top-1 agreement of .pte and our model.")
 @click.option("--max-ppl-diff", default=0.01, show_default=True, help="Verification: largest relative perplexity difference.")
+@overwrite_option
 @friendly_errors
 def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen, max_seq_len, full_logits, min_top1,
-               max_ppl_diff) -> None:
+               max_ppl_diff, overwrite) -> None:
     """ExecuTorch checkpoint (consolidated.00.pth + params.json) and a verified model.pte."""
     from spinquant.pipeline import export_run
 
     r = export_run(run_dir, out_dir, pte=pte, verify_data=verify_data, verify_windows=verify_windows,
                    verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits, min_top1=min_top1,
-                   max_ppl_rel=max_ppl_diff)
+                   max_ppl_rel=max_ppl_diff, overwrite=overwrite)
     click.echo(f"wrote {r['checkpoint']} and {r['params']} (preq_mode {r['preq_mode']}, group {r['group_size']}, "
                f"spin_quant {'native' if r['spin_quant'] else 'off'})")
     if r.get("warning"):
@@ -184,27 +222,29 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for R.bin, losses and the learning state.")
 @calibration_options(800)
-@click.option("--steps", default=100, show_default=True)
+@click.option("--steps", default=100, show_default=True, help="Cayley SGD steps.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks).")
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--momentum", default=0.0, show_default=True)
+@click.option("--momentum", default=0.0, show_default=True, help="Cayley SGD momentum.")
 @click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
 @click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
-@click.option("--a-bits", default=8, show_default=True)
-@click.option("--kv-bits", default=16, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16).")
+@click.option("--kv-bits", default=16, show_default=True, help="KV-cache bits while learning (4/8/16).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard start and the calibration windows.")
 @click.option("--loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
               help="ce: cross-entropy on the text (Meta's); kl: KL divergence to the float model's predictions.")
 @click.option("--weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="With --w-bits < 16: the int4 weights the loss sees: round-to-nearest, or GPTQ of the current rotation "
                    "(every step; the final quantizer's weights).")
 @click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--tokenizer", "tokenizer_src", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
+@overwrite_option
 @friendly_errors
-def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, steps, batch_size, micro_batch, lr, momentum,
-                        w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, device, tokenizer_src) -> None:
+def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
+                        momentum, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, device, tokenizer_src,
+                        overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
@@ -214,8 +254,8 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
                       save_every=save_every)
     from spinquant.data import resolve_calibration
 
-    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size)
-    s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src)
+    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
+    s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
     if s.get("finished") and s.get("rank", 0) == 0:
         click.echo(f"wrote {out_dir}/R.bin after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
@@ -229,29 +269,31 @@ def _target_help() -> str:
 
 @cli.command()
 @click.option("--model", required=True, help="Local model directory, Meta checkpoint directory or hub id.")
-@click.option("--out", default=None, help="Run directory [default: runs/<model name>]; a re-run resumes it.")
+@click.option("--out", default=None, help="Run directory [default: runs/<model name>]; a re-run with the same options resumes it.")
 @click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: bundled name or YAML.")
 @click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME.")
+@click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: text]; rows with 'messages' are chat.")
 @click.option("--target", default="xnnpack-8da4w-g32", show_default=True, help=_target_help())
 @click.option("--steps", default=100, show_default=True, help="Rotation-learning steps.")
 @click.option("--nsamples", type=int, default=None, help="Rotation-learning windows [default: steps x batch size = 800].")
 @click.option("--seqlen", default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--micro-batch", default=1, show_default=True)
-@click.option("--lr", default=1.5, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Windows per learning step.")
+@click.option("--micro-batch", default=1, show_default=True, help="Windows per forward pass (gradient accumulation up to --batch-size; raise it on a large GPU).")
+@click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
 @click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
 @click.option("--learn-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
               help="Learning objective: ce = cross-entropy on the text (Meta's), kl = KL divergence to the float model.")
 @click.option("--learn-weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="With --learn-w-bits 4: int4 weights in the loop by round-to-nearest or by GPTQ of the current rotation.")
-@click.option("--gptq-nsamples", default=128, show_default=True)
-@click.option("--pte/--no-pte", default=True, show_default=True)
+@click.option("--gptq-nsamples", default=128, show_default=True, help="Calibration windows for GPTQ (and range setting).")
+@click.option("--pte/--no-pte", default=None, help="Build and verify model.pte with executorch [default: when the target has one].")
 @click.option("--eval-data", default="wikitext2", show_default=True, help="Evaluation text for the report (wikitext2 = hub test split, or a local file).")
-@click.option("--eval-windows", default=20, show_default=True)
+@click.option("--eval-windows", default=20, show_default=True, help="Evaluation windows (of --seqlen tokens) for the report.")
 @click.option("--compare-hadamard", is_flag=True, help="Also quantize with the random Hadamard start, for the report.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--tokenizer", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard start and of the calibration windows.")
+@click.option("--tokenizer", default=None, help="Tokenizer directory, if the model has none.")
+@overwrite_option
 @friendly_errors
 def calibrate(**kwargs) -> None:
     """The whole pipeline: learn R1/R2 -> GPTQ + range setting -> ExecuTorch checkpoint -> .pte -> verification -> report."""
@@ -278,14 +320,15 @@ def _print_run_summary(out: Path, report: dict[str, Any]) -> None:
 @click.option("--from", "run_dir", required=True, help="A finished calibrate run directory.")
 @click.option("--target", required=True, help=_target_help())
 @click.option("--out", default=None, help="Directory for the new target [default: RUN-TARGET beside it].")
-@click.option("--pte/--no-pte", default=None, help="[default: as the original run]")
-@click.option("--device", default=None)
+@click.option("--pte/--no-pte", default=None, help="Build and verify model.pte [default: when the target has one].")
+@click.option("--device", default=None, help="auto | cpu | cuda[:N] [default: as the original run].")
+@overwrite_option
 @friendly_errors
-def requantize(run_dir, target, out, pte, device) -> None:
+def requantize(run_dir, target, out, pte, device, overwrite) -> None:
     """Quantize for another target re-using the learned rotations (no learning), exported and verified."""
     from spinquant.workflow import requantize as run_requantize
 
-    report = run_requantize(run_dir, target, out, pte=pte, device=device)
+    report = run_requantize(run_dir, target, out, pte=pte, device=device, overwrite=overwrite)
     _print_run_summary(Path(out) if out else Path(run_dir).parent / f"{Path(run_dir).name}-{target}", report)
 
 
@@ -293,14 +336,32 @@ def requantize(run_dir, target, out, pte, device) -> None:
 @click.argument("jobs_file")
 @friendly_errors
 def batch(jobs_file: str) -> None:
-    """Calibrate many models from a YAML file (defaults + jobs); continue past failures; summary table."""
+    """Calibrate many models from a YAML file; continue past failures; skip finished jobs; summary table.
+
+    \b
+    JOBS_FILE format (any calibrate option, with underscores):
+      defaults:                      # applied to every job
+        calib_data: data/chats.jsonl
+        gptq_nsamples: 128
+        pte: false
+      jobs:
+        - {model: ft/customer-a, out: runs/customer-a}
+        - {model: ft/customer-b, target: xnnpack-8da4w-g64}
+        - {models_glob: "ft/nightly-*", out: "runs/{name}"}
+    \b
+    Relative paths resolve against the YAML file's folder; a job without
+    out: writes runs/<model name> there. Values are checked against each
+    option's type before any job runs. Writes JOBS.summary.md and
+    JOBS.summary.json beside the file; exit 1 if a job failed.
+    """
+    from spinquant.atomic import write_text_atomic
     from spinquant.workflow import run_batch, summary_table
 
     rows = run_batch(jobs_file)
     table = summary_table(rows)
     base = Path(jobs_file).with_suffix("")
-    (base.parent / f"{base.name}.summary.md").write_text(table + "\n")
-    (base.parent / f"{base.name}.summary.json").write_text(json.dumps(rows, indent=2))
+    write_text_atomic(base.parent / f"{base.name}.summary.md", table + "\n")
+    write_text_atomic(base.parent / f"{base.name}.summary.json", json.dumps(rows, indent=2))
     click.echo(table)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
@@ -309,6 +370,9 @@ def batch(jobs_file: str) -> None:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="spinquant")
 
 

@@ -49,7 +49,7 @@ def _check_text_file(path: Path) -> None:
             raise SpinQuantError(f"{path} is not UTF-8 text (byte {exc.start}): pass a UTF-8 text file") from exc
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
+def local_data_files(path: Path) -> tuple[str, list[str]]:
     """(datasets builder name, files) for a file or folder."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
@@ -92,7 +92,7 @@ def load_rows(spec: str, split: str = "train", flag: str = "--calib-data") -> li
             except Exception as exc:
                 raise SpinQuantError(f"cannot load hub dataset {spec[4:]} ({type(exc).__name__}): {offline_hint(flag)}") from exc
         else:
-            builder, files = _local_files(Path(spec).expanduser())
+            builder, files = local_data_files(Path(spec).expanduser())
             kwargs = {"keep_linebreaks": True} if builder == "text" else {}
             try:
                 ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
@@ -120,7 +120,8 @@ def rows_to_texts(rows: list[dict[str, Any]], text_field: str, tokenizer: Any = 
             raise SpinQuantError("the data is chat ('messages') but the tokenizer has no chat template: set template: none and text_field")
         return [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
     if text_field not in first:
-        raise SpinQuantError(f"the data has no field '{text_field}' (fields: {', '.join(sorted(first))}): pass the right text field")
+        raise SpinQuantError(f"the data has no field '{text_field}' (fields: {', '.join(sorted(first))}): pass --text-field NAME "
+                             f"(or text_field: in a calibration YAML); chat rows need a 'messages' field")
     texts = [r[text_field] for r in rows]
     if not any(isinstance(t, str) and t.strip() for t in texts):
         raise SpinQuantError(f"the data's '{text_field}' field holds no text")
@@ -258,7 +259,7 @@ def with_overrides(calib: CalibrationSet, **overrides: Any) -> CalibrationSet:
 
 
 def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None, seqlen: int | None, seed: int,
-                        nsamples_default: int) -> CalibrationSet:
+                        nsamples_default: int, text_field: str | None = None) -> CalibrationSet:
     """The calibration set of CLI options: the named/YAML set, with --calib-data/--nsamples/--seqlen/--seed on top.
     nsamples: the flag, else the YAML's, else the stage's default."""
     base = load_calibration_set(calib)
@@ -269,5 +270,5 @@ def resolve_calibration(calib: str, calib_data: str | None, nsamples: int | None
     return with_overrides(
         base, source=calib_data, seed=seed,
         nsamples=nsamples if nsamples is not None else (None if "nsamples" in yaml_set else nsamples_default),
-        seqlen=seqlen,
+        seqlen=seqlen, text_field=text_field,
     )

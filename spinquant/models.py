@@ -84,6 +84,19 @@ def check_llama_config(config: Any, where: str) -> None:
             raise SpinQuantError(f"unsupported Llama variant in {where}: {flag}=true (biases are not handled)")
 
 
+def check_finite(named_tensors, where: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (learning or GPTQ would fail much later).
+
+    ``named_tensors``: (name, tensor) pairs, e.g. ``model.named_parameters()`` or a stream read from disk."""
+    for name, p in named_tensors:
+        if not p.is_floating_point():
+            continue
+        bad = (~torch.isfinite(p.detach())).sum().item()
+        if bad:
+            raise SpinQuantError(f"{where}: weight {name} holds {bad} non-finite values (NaN/Inf): the checkpoint is damaged "
+                                 f"or the fine-tune diverged; fix the model (e.g. an earlier checkpoint) and re-run")
+
+
 def untie_embeddings(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """Give lm_head its own copy of the embedding matrix (in place) and mark the config untied."""
     if model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr():
@@ -94,6 +107,11 @@ def untie_embeddings(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return model
 
 
+def _hub_fetch_error(source: str) -> str:
+    return (f"could not fetch '{source}' from the Hugging Face hub (no network, wrong id, or a gated model without a "
+            f"login): download it first and pass the local directory")
+
+
 def load_hf(source: str | os.PathLike, *, local_only: bool = False) -> LlamaForCausalLM:
     """Load an HF directory or hub id as float32, untied, in eval mode."""
     where = str(source)
@@ -102,17 +120,19 @@ def load_hf(source: str | os.PathLike, *, local_only: bool = False) -> LlamaForC
     except OSError as exc:
         if Path(source).exists():
             raise SpinQuantError(f"cannot read the model config in {source}: {exc}".splitlines()[0]) from exc
-        raise SpinQuantError(
-            f"could not fetch '{source}' from the Hugging Face hub (no network, wrong id, or a gated model "
-            f"without a login): download it first and pass the local directory"
-        ) from exc
+        raise SpinQuantError(_hub_fetch_error(where)) from exc
     except ValueError as exc:  # unknown model_type and similar
         raise SpinQuantError(f"unsupported or unreadable model config in {where}: {exc}".splitlines()[0]) from exc
     check_llama_config(config, where)
+    if local_only:
+        from spinquant.preflight import check_weight_shapes, weight_shapes
+
+        check_weight_shapes(weight_shapes(source), config, where)  # truncated shards, vocab_size vs embedding
     try:
         model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=local_only)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # OSError, SafetensorError, size mismatches: all mean a damaged or inconsistent model
         raise SpinQuantError(f"cannot load the weights of {where}: {str(exc).splitlines()[0]}") from exc
+    check_finite(model.named_parameters(), where)
     model = untie_embeddings(model).eval()
     from spinquant.fusion import restore_online_rotations  # local import: fusion imports this module
 
@@ -289,6 +309,7 @@ def load_meta(path: str | os.PathLike) -> LlamaForCausalLM:
     hf_state = {k: v.to(torch.float32) for k, v in meta_to_hf_state_dict(state, config).items()}
     model.load_state_dict(hf_state, strict=False, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild buffers off 'meta'
+    check_finite(model.named_parameters(), str(ckpt))
     return untie_embeddings(model).eval()
 
 
@@ -331,8 +352,12 @@ def load_config(source: str | os.PathLike) -> LlamaConfig:
         return config_from_meta_params(params, state.get("model", state))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=kind == "hf")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if kind == "hub":
+            raise SpinQuantError(_hub_fetch_error(str(source))) from exc
         raise SpinQuantError(f"cannot read the model config of {source}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        raise SpinQuantError(f"unsupported or unreadable model config in {source}: {str(exc).splitlines()[0]}") from exc
     check_llama_config(config, str(source))
     return config
 

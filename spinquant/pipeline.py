@@ -34,14 +34,20 @@ def probe_ids(vocab_size: int, length: int = 64, seed: int = 1234) -> torch.Tens
 
 
 @torch.no_grad()
-def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True) -> dict[str, Any]:
+def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write the fused, random-Hadamard-rotated float model (HF directory) and R.bin; verify by reloading."""
+    from spinquant.outputs import claim_output, record_owner, resolve_input
+    from spinquant.preflight import check_model, check_rotation_sizes
+
     if describe_source(model_src) == "run":
         raise SpinQuantError(f"{model_src} is a quantized run: rotate the float model it came from")
+    config, tokenizer = check_model(model_src, need_tokenizer=False)
+    check_rotation_sizes(config, r4=r4)
+    identity = {"model": resolve_input(model_src), "seed": seed, "r4": r4}
+    claim_output(out_dir, "rotate", identity, {"--model": model_src}, overwrite)
     model = load_model(model_src)
     if has_online_r4(model) and r4:
         raise SpinQuantError(f"{model_src} already carries an online R4 rotation: pass --no-r4 or the unrotated model")
-    tokenizer = try_load_tokenizer(model_src)
     ids = probe_ids(model.config.vocab_size)
     before = model(ids).logits
     rot = Rotations.random_hadamard(model, seed, r4=r4)
@@ -53,6 +59,7 @@ def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True) -
         diff = max_rel_diff(after, before)
         if diff > 1e-3:
             raise SpinQuantError(f"verification failed: the rotated model's logits differ by {diff:.2e} (relative)")
+        record_owner(tmp, "rotate", identity)
     return {"max_rel_diff": diff}
 
 
@@ -64,11 +71,15 @@ def evaluate_model(model_src: str, data: str = "wikitext2", seqlen: int = 2048, 
     ``model_src``: anything :func:`load_model` reads, or a ``.pte`` (run through executorch's runtime;
     its tokenizer is looked for beside it).
     """
+    from spinquant.models import load_config
+    from spinquant.preflight import check_data_path
+
     is_pte = str(model_src).endswith(".pte")
     if not is_pte:
-        describe_source(model_src)
+        load_config(model_src)  # a missing path, another architecture, or a hub id offline: said before anything else
     if reference_src is not None:
-        describe_source(reference_src)
+        load_config(reference_src)
+    check_data_path(data, "--data")
     tok_home = str(Path(model_src).parent) if is_pte else model_src
     tokenizer = try_load_tokenizer(tok_home, tokenizer_src)
     if tokenizer is None and reference_src is not None:
@@ -120,22 +131,45 @@ def resolve_rotations(spec: str, model, seed: int) -> Rotations | None:
         return None
     if spec == "hadamard":
         return Rotations.random_hadamard(model, seed)
-    path = Path(spec)
+    return load_rbin(rotations_file(spec), r4=True)
+
+
+def rotations_file(spec: str) -> Path:
+    """The R.bin a --rotations PATH names (a file, or a directory holding R.bin); error otherwise."""
+    path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "R.bin"
     if not path.is_file():
         raise SpinQuantError(f"--rotations {spec}: expected none, hadamard, or an R.bin file (or a directory holding one)")
-    return load_rbin(path, r4=True)
+    return path
+
+
+def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None) -> dict[str, Any]:
+    """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device."""
+    from dataclasses import asdict
+
+    from spinquant.outputs import resolve_input
+
+    return {"model": resolve_input(model_src), "rotations": rotations if rotations in ("none", "hadamard") else resolve_input(rotations),
+            "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
+            "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
+            "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
 
 
 def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "hadamard", calib=None, seed: int = 0,
                     device: str = "auto", tokenizer_src: str | None = None, progress: bool = True,
-                    extra_config: dict | None = None) -> dict[str, Any]:
-    """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory."""
+                    extra_config: dict | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory.
+
+    Every input is checked and the model loaded before ``out_dir`` is claimed (spinquant.outputs); the run is
+    written to a temp directory and renamed into place once it reloads to the same logits.
+    """
     import time
 
     from spinquant.data import calibration_windows
     from spinquant.evaluate import check_seqlen
+    from spinquant.outputs import claim_output, record_owner
+    from spinquant.preflight import check_model, check_rotation_sizes
     from spinquant.run_dir import load_run, save_run
 
     times: dict[str, float] = {}
@@ -143,24 +177,27 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     if kind == "run":
         raise SpinQuantError(f"{model_src} is already a quantized run: quantize the float model (or use requantize)")
     dev = resolve_device(device)
-    from spinquant.models import load_config
-
-    scheme.check_model(load_config(model_src))  # bad group sizes fail before any weight is read
+    config, tokenizer = check_model(model_src, tokenizer_src, need_tokenizer=wq.method == "gptq")
+    scheme.check_model(config)  # bad group sizes fail before any weight is read
+    if rotations not in ("none", "hadamard"):
+        rotations_file(rotations)
+    check_rotation_sizes(config, r4=rotations != "none")
+    windows = None
+    if wq.method == "gptq":
+        check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
+        t = time.perf_counter()
+        windows = calibration_windows(calib, tokenizer)
+        times["calibration_data"] = time.perf_counter() - t
+    identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src)
+    inputs = {"--model": model_src, "--tokenizer": tokenizer_src, "--calib-data": calib.source if windows is not None else None,
+              "--rotations": None if rotations in ("none", "hadamard") else rotations}
+    claim_output(out_dir, "quantize", identity, inputs, overwrite)
     t = time.perf_counter()
     model = load_model(model_src)
     times["load"] = time.perf_counter() - t
     if has_online_r4(model) and rotations != "none":
         raise SpinQuantError(f"{model_src} is already rotated (online R4): pass --rotations none")
     rot = resolve_rotations(rotations, model, seed)
-    tokenizer = try_load_tokenizer(model_src, tokenizer_src)
-    windows = None
-    if wq.method == "gptq":
-        if tokenizer is None:
-            raise SpinQuantError(f"{model_src} has no tokenizer, which GPTQ calibration needs: pass --tokenizer DIR")
-        check_seqlen(calib.seqlen, getattr(model.config, "max_position_embeddings", None))
-        t = time.perf_counter()
-        windows = calibration_windows(calib, tokenizer)
-        times["calibration_data"] = time.perf_counter() - t
     t = time.perf_counter()
     if rot is not None:
         fuse_and_rotate(model, rot)
@@ -198,6 +235,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
             got = load_run(tmp)(ids).logits
         if not torch.equal(got, expected):
             raise SpinQuantError(f"verification failed: the saved run reproduces the logits only to {max_rel_diff(got, expected):.2e}")
+        record_owner(tmp, "quantize", identity)
     return config
 
 
@@ -247,10 +285,19 @@ def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
             "ppl_ours": math.exp(nll_a / n_pred), "ppl_pte": math.exp(nll_b / n_pred)}
 
 
+EXPORT_FILES = ("consolidated.00.pth", "params.json", "model.pte", "verification.json", "verification.failed.json",
+                "export_llama.log")
+
+
 def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verify_data: str | None = None,
                verify_windows: int = 4, verify_seqlen: int = 512, max_seq_len: int = 2048, full_logits: bool = False,
-               min_top1: float = 0.95, max_ppl_rel: float = 0.01) -> dict[str, Any]:
+               min_top1: float = 0.95, max_ppl_rel: float = 0.01, overwrite: bool = False, claim: bool = True) -> dict[str, Any]:
     """Write the ExecuTorch checkpoint of a run (and a verified .pte). Checks everything before any work.
+
+    ``out_dir`` defaults to the run directory itself: the export adds its files (EXPORT_FILES) beside the run and
+    never touches the run's own. Every file is written into a temp folder inside ``out`` and renamed into place
+    only when all of them are finished (and the .pte verified), so a failure leaves the earlier export whole.
+    ``claim=False``: the caller (calibrate) owns ``out`` and has checked it.
 
     Tolerances: XNNPACK runs real int8 GEMMs where we simulate them, which moves logits by about 1%
     (relative, measured) and flips the argmax where two tokens nearly tie: 97.9% top-1 agreement on the
@@ -258,12 +305,16 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     orders of magnitude, so ``min_top1`` 0.95 and ``max_ppl_rel`` 1% separate the two cleanly.
     """
     import json as _json
+    import shutil
+    import tempfile
 
-    from spinquant.atomic import atomic_file
+    from spinquant.atomic import publish_mode
     from spinquant.evaluate import hf_logits_fn
     from spinquant.export import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARAMS, PREQ_MODES, check_exportable, executorch_params,
                                   executorch_state_dict)
     from spinquant.fusion import has_online_r4
+    from spinquant.outputs import claim_output, record_owner, resolve_input
+    from spinquant.preflight import check_data_path, check_executorch_rope
     from spinquant.pte import PteModel, run_export_llama
     from spinquant.quant.scheme import QuantScheme
     from spinquant.run_dir import is_run_dir, load_run, read_quant_config
@@ -274,48 +325,65 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     if not is_run_dir(run):
         raise SpinQuantError(f"{run} is not a quantized run (no quant_config.json): make one with spinquant quantize")
     scheme = QuantScheme.from_dict(read_quant_config(run)["scheme"])
+    check_data_path(verify_data, "--verify-data")
     model = load_run(run)
     mode = check_exportable(model, scheme)
     max_seq_len = min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))
-    out = Path(out_dir) if out_dir else run
+    make_pte = pte and mode in PREQ_MODES
+    if make_pte:
+        check_executorch_rope(model.config, str(run))
+    out = Path(out_dir).expanduser() if out_dir else run
+    identity = {"from": resolve_input(run), "pte": make_pte, "max_seq_len": max_seq_len, "full_logits": full_logits}
+    if claim:
+        claim_output(out, "export", identity, {"--from": run, "--verify-data": verify_data}, overwrite,
+                     may_equal=("--from",), owned_files=EXPORT_FILES)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / CHECKPOINT) as tmp:
-        torch.save(executorch_state_dict(model, scheme), tmp)
-    with atomic_file(out / PARAMS) as tmp:
-        tmp.write_text(_json.dumps(executorch_params(model, scheme), indent=2))
-    result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
-                              "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
-    bad = [p for p in FORBIDDEN_PATH_PARTS if p in str((out / CHECKPOINT).resolve())]
-    if bad:
-        result["warning"] = (f"the checkpoint path contains '{bad[0]}': executorch's loader switches to another (broken) branch on "
-                             f"it; move or link the checkpoint to a path without 'int8'/'8da4w' before running export_llama "
-                             f"yourself (spinquant's own .pte export does this)")
-    if not pte or mode not in PREQ_MODES:
-        result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
-        return result
-    cfg = model.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
-    tokenizer = try_load_tokenizer(str(run))
-    with atomic_file(out / "model.pte") as tmp_pte:
-        result["export"] = run_export_llama(out, tmp_pte, mode, scheme.group, has_online_r4(model), cfg.bos_token_id,
-                                            eos, max_seq_len, full_logits, log_file=out / "export_llama.log")
-        seqlen = min(verify_seqlen, max_seq_len - 1)
-        windows, source = verification_windows(run, tokenizer, verify_data, verify_windows, seqlen)
-        metrics = compare_logits(hf_logits_fn(model), PteModel(tmp_pte), windows)
-        metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
-        result["verification"] = metrics
-        ppl_rel = abs(metrics["ppl_pte"] / metrics["ppl_ours"] - 1)
-        ok = metrics["top1_agreement"] >= min_top1 and ppl_rel <= max_ppl_rel
-        result["verified"] = ok
-        (out / "verification.json").write_text(_json.dumps(result, indent=2))
-        if not ok:
-            raise SpinQuantError(
-                f"the .pte does not match our fake-quant model: top-1 agreement {metrics['top1_agreement']:.4f} "
-                f"(need >= {min_top1}), perplexity {metrics['ppl_pte']:.3f} vs {metrics['ppl_ours']:.3f} "
-                f"({100 * ppl_rel:.2f}%, need <= {100 * max_ppl_rel:.2f}%); details in {out / 'verification.json'}")
-    result["pte"] = str(out / "model.pte")
-    result["pte_bytes"] = (out / "model.pte").stat().st_size
-    (out / "verification.json").write_text(_json.dumps(result, indent=2))
+    stage = Path(tempfile.mkdtemp(prefix=".export.partial-", dir=out))
+    try:
+        torch.save(executorch_state_dict(model, scheme), stage / CHECKPOINT)
+        (stage / PARAMS).write_text(_json.dumps(executorch_params(model, scheme), indent=2))
+        result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
+                                  "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
+        bad = [p for p in FORBIDDEN_PATH_PARTS if p in str((out / CHECKPOINT).resolve())]
+        if bad:
+            result["warning"] = (f"the checkpoint path contains '{bad[0]}': executorch's loader switches to another (broken) branch "
+                                 f"on it; move or link the checkpoint to a path without 'int8'/'8da4w' before running export_llama "
+                                 f"yourself (spinquant's own .pte export does this)")
+        if not make_pte:
+            result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
+        else:
+            cfg = model.config
+            eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+            result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, has_online_r4(model),
+                                                cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log")
+            seqlen = min(verify_seqlen, max_seq_len - 1)
+            windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
+            metrics = compare_logits(hf_logits_fn(model), PteModel(stage / "model.pte"), windows)
+            metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
+            result["verification"] = metrics
+            ppl_rel = abs(metrics["ppl_pte"] / metrics["ppl_ours"] - 1)
+            ok = metrics["top1_agreement"] >= min_top1 and ppl_rel <= max_ppl_rel
+            result["verified"] = ok
+            result["pte"] = str(out / "model.pte")
+            result["pte_bytes"] = (stage / "model.pte").stat().st_size
+            if not ok:
+                failed = out / "verification.failed.json"
+                failed.write_text(_json.dumps(result, indent=2))
+                raise SpinQuantError(
+                    f"the .pte does not match our fake-quant model: top-1 agreement {metrics['top1_agreement']:.4f} "
+                    f"(need >= {min_top1}), perplexity {metrics['ppl_pte']:.3f} vs {metrics['ppl_ours']:.3f} "
+                    f"({100 * ppl_rel:.2f}%, need <= {100 * max_ppl_rel:.2f}%); nothing was written; details in {failed}")
+            (stage / "verification.json").write_text(_json.dumps(result, indent=2))
+        publish_mode(stage)
+        # every file is finished: replace the earlier export's files (and only those) by the new ones
+        for name in EXPORT_FILES:
+            if (stage / name).exists():
+                (stage / name).replace(out / name)
+            elif name in ("model.pte", "verification.json", "verification.failed.json", "export_llama.log") and (out / name).exists():
+                (out / name).unlink()  # a previous export's .pte would not belong to this checkpoint
+        record_owner(out, "export", identity)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return result
 
 
@@ -335,19 +403,33 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dict[str, Any]:
+    """What decides learned rotations (spinquant.outputs): the model, every learning option but the save interval,
+    the calibration set and the tokenizer."""
+    from dataclasses import asdict
+
+    from spinquant.outputs import resolve_input
+
+    config = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
+
+
 def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "auto", tokenizer_src: str | None = None,
-                    progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+                    progress: bool = True, stop_after: int | None = None, overwrite: bool = False,
+                    claim: bool = True) -> dict[str, Any]:
     """Learn R1/R2 on ``calib`` and write R.bin, losses.json and learning_curve.png into ``out_dir``.
 
     The learning state is saved in ``out_dir`` every ``cfg.save_every`` steps; a re-run with the same
     ``out_dir`` and options continues from it. ``stop_after`` stops after that many steps (tests).
+    Every input is checked and the model loaded before ``out_dir`` is claimed (spinquant.outputs);
+    ``claim=False``: the caller (calibrate) owns ``out_dir``.
     """
-    import json as _json
-
     import torch.distributed as dist
 
     from spinquant.data import calibration_windows
     from spinquant.evaluate import check_seqlen
+    from spinquant.outputs import claim_output, clear_directory, record_owner
+    from spinquant.preflight import check_model, check_rotation_sizes
     from spinquant.rotation import RotationLearner, prepare_model, write_outputs
 
     cfg.check()
@@ -355,19 +437,19 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     if kind == "run":
         raise SpinQuantError(f"{model_src} is a quantized run: learn rotations on the float model")
     out = Path(out_dir)
-    marker = out / "learn_source.json"
-    if marker.is_file() and _json.loads(marker.read_text()).get("model") != str(Path(model_src).resolve() if kind != "hub" else model_src):
-        raise SpinQuantError(f"{out} holds rotations learned for another model ({_json.loads(marker.read_text()).get('model')}): "
-                             f"use another --out directory")
+    config, tokenizer = check_model(model_src, tokenizer_src)
+    check_rotation_sizes(config, r4=True)
+    check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
+    windows = calibration_windows(calib, tokenizer)
+    identity = learn_identity(model_src, cfg, calib, tokenizer_src)
+    status = "same"
+    if claim:
+        status = claim_output(out, "learn-rotations", identity, {"--model": model_src, "--tokenizer": tokenizer_src,
+                                                                 "--calib-data": calib.source}, overwrite)
     dev = init_distributed(resolve_device(device))
     model = load_model(model_src)
     if has_online_r4(model):
         raise SpinQuantError(f"{model_src} is already rotated: learn rotations on the original float model")
-    tokenizer = try_load_tokenizer(model_src, tokenizer_src)
-    if tokenizer is None:
-        raise SpinQuantError(f"{model_src} has no tokenizer, which calibration needs: pass --tokenizer DIR")
-    check_seqlen(calib.seqlen, getattr(model.config, "max_position_embeddings", None))
-    windows = calibration_windows(calib, tokenizer)
     teacher = None
     if cfg.loss == "kl":
         import copy
@@ -375,9 +457,11 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         teacher = copy.deepcopy(model)
     prepare_model(model, cfg)
     learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress, teacher=teacher)
-    out.mkdir(parents=True, exist_ok=True)
-    if learner.rank == 0:
-        marker.write_text(_json.dumps({"model": str(Path(model_src).resolve()) if kind != "hub" else model_src}))
+    if learner.rank == 0 and claim:
+        if status == "replace":
+            clear_directory(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record_owner(out, "learn-rotations", identity)
     resumed_from = learner.step if learner.try_resume() else 0
     learner.run(stop_after=stop_after)
     summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,
@@ -385,9 +469,12 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     if learner.rank == 0 and summary["finished"]:
         import tempfile
 
-        tmp = Path(tempfile.mkdtemp(prefix=".learn-", dir=out))
+        from spinquant.atomic import publish_mode
+
+        tmp = Path(tempfile.mkdtemp(prefix=".learn.partial-", dir=out))
         try:
             summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev)}))
+            publish_mode(tmp)
             for name in ("R.bin", "losses.json", "learning_curve.png"):
                 if (tmp / name).exists():
                     (tmp / name).replace(out / name)

@@ -61,7 +61,7 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
                              spin, bos, eos, max_seq_len, full_logits)
         t = time.perf_counter()
         print(f"[spinquant] running executorch's export_llama (minutes; log: {log_file or 'not kept'}) ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        proc = run_child(cmd, cwd=work)
         seconds = time.perf_counter() - t
         if log_file is not None:
             log_file.write_text(f"$ {' '.join(cmd)}\n\n{proc.stdout}\n{proc.stderr}")
@@ -73,6 +73,25 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
         return {"seconds": seconds, "command": " ".join(cmd[1:])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a child in its own process group, output captured; if we are interrupted (SIGINT, or SIGTERM turned
+    into SystemExit by the CLI) the whole group is killed before the exception goes on, so no exporter keeps
+    running behind us. (subprocess.run kills only the direct child, and only on SIGINT.)"""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class PteModel:

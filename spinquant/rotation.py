@@ -187,9 +187,13 @@ class RotationLearner:
         if self.state_dir is None or not (self.state_dir / STATE_FILE).is_file():
             return False
         try:
-            st = torch.load(self.state_dir / STATE_FILE, map_location="cpu", weights_only=False)
+            # weights_only: tensors, numbers, strings and containers only; a pickled object (code) is refused unrun
+            st = torch.load(self.state_dir / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise SpinQuantError(f"cannot read {self.state_dir / STATE_FILE} (corrupt?): delete it to start over") from exc
+            raise SpinQuantError(f"cannot read {self.state_dir / STATE_FILE}: it is corrupt or holds more than tensors and "
+                                 f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
+        if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
+            raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
         if st["config"] != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")

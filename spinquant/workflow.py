@@ -28,7 +28,7 @@ STAGES = ("learn", "quantize", "export", "report")
 CONFIG_FILE = "calibrate_config.json"
 STAGES_FILE = "stages.json"
 # options that do not change what a stage computes: they may differ on a resume
-RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard"}
+RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard", "overwrite"}
 
 
 @dataclass
@@ -50,13 +50,15 @@ class CalibrateOptions:
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
-    pte: bool = True
+    pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
     eval_windows: int = 20
     compare_hadamard: bool = False
     device: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
+    text_field: str | None = None  # field of jsonl/parquet rows holding the text [default: the set's, else "text"]
+    overwrite: bool = False
 
     @staticmethod
     def names() -> list[str]:
@@ -92,21 +94,6 @@ class Run:
         self.dir = out
         self.opts = opts
 
-    def check_or_claim(self) -> None:
-        """Refuse a directory holding another model's run or a run with other options; else record ours."""
-        old = _json(self.dir / CONFIG_FILE)
-        if old:
-            if old.get("model_identity") != self.opts["model_identity"]:
-                raise SpinQuantError(f"{self.dir} holds a run of a different model ({old.get('model')}): use another --out")
-            changed = sorted(k for k, v in self.opts.items() if k not in RESUME_FREE and k != "versions" and old.get(k) != v)
-            if changed:
-                raise SpinQuantError(f"{self.dir} holds a run with other options ({', '.join(changed)}): use another --out "
-                                     f"or the same options to resume")
-        elif self.dir.exists() and any(self.dir.iterdir()):
-            raise SpinQuantError(f"{self.dir} is not empty and holds no spinquant run: use another --out")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.dir / CONFIG_FILE, self.opts)
-
     def done(self, stage: str) -> bool:
         return stage in _json(self.dir / STAGES_FILE)
 
@@ -115,13 +102,21 @@ class Run:
         stages[stage] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_json(self.dir / STAGES_FILE, stages)
 
+    def unmark(self, stage: str) -> None:
+        stages = _json(self.dir / STAGES_FILE)
+        stages.pop(stage, None)
+        _write_json(self.dir / STAGES_FILE, stages)
+
     def stage_seconds(self) -> dict[str, float]:
         return {k: v["seconds"] for k, v in _json(self.dir / STAGES_FILE).items()}
 
     def move_in(self, src: Path) -> None:
-        """Rename every file of a finished stage's temp directory into the run directory."""
+        """Rename every file of a finished stage's temp directory into the run directory (not the stage's own
+        output record: the run directory's record is calibrate's)."""
+        from spinquant.outputs import OWNER_FILE
+
         for f in src.iterdir():
-            if f.is_file():
+            if f.is_file() and f.name != OWNER_FILE:
                 f.replace(self.dir / f.name)
 
 
@@ -134,7 +129,7 @@ def _log(msg: str) -> None:
 def _calibration(opts: CalibrateOptions, nsamples: int):
     from spinquant.data import resolve_calibration
 
-    return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples)
+    return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples, opts.text_field)
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
@@ -240,36 +235,96 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
+def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg) -> None:
+    """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
+    headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
+    calibration and evaluation data (tokenized now; the windows are cached for the stages)."""
+    from spinquant.data import calibration_windows
+    from spinquant.evaluate import check_seqlen
+    from spinquant.models import describe_source
+    from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model,
+                                     check_rotation_sizes, executorch_rope_problem)
+
+    if describe_source(opts.model) == "run":
+        raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
+    config, tokenizer = check_model(opts.model, opts.tokenizer)
+    if target.scheme is not None:
+        target.scheme.check_model(config)
+    check_rotation_sizes(config, r4=True, executorch_r4=pte)
+    if pte:
+        check_executorch_rope(config, opts.model)
+    elif target.scheme is not None and executorch_rope_problem(config):
+        _log(f"warning: {opts.model} uses {executorch_rope_problem(config)}: the ExecuTorch checkpoint's params.json "
+             f"cannot describe it (the quantized run is correct; no .pte is made)")
+    check_seqlen(opts.seqlen, getattr(config, "max_position_embeddings", None))
+    if learn:
+        learn_cfg.check()
+        calibration_windows(_calibration(opts, opts.nsamples or opts.steps * opts.batch_size), tokenizer)
+    if target.scheme is not None:
+        calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
+    check_data_path(opts.eval_data, "--eval-data")
+    check_finite_weights(opts.model)
+
+
 def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path | None = None) -> dict[str, Any]:
     """Learn R1/R2 -> GPTQ with range setting -> ExecuTorch checkpoint -> .pte -> verification -> report.
 
     With ``learn=False`` the rotations are copied from ``rotations_from`` (requantize) and no learning runs.
+    Everything is checked before the run directory is claimed (spinquant.outputs); a run that fails before
+    it has anything to resume from removes the directory it created.
     """
-    from spinquant.models import describe_source
-    from spinquant.pipeline import export_run, learn_rotations
+    from spinquant.atomic import remove_stale_partials
+    from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
 
     target = get_target(opts.target)
-    kind = describe_source(opts.model)
-    if kind == "run":
-        raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
-    from spinquant.models import load_config
-
-    config = load_config(opts.model)  # validates the architecture before any work
-    if target.scheme is not None:
-        target.scheme.check_model(config)
+    if opts.pte and not target.pte:
+        raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
+                             f"or an xnnpack target")
+    pte = target.pte and target.scheme is not None and opts.pte is not False
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant)
-    if learn:
-        learn_cfg.check()  # bad learning options fail before any work or output directory
+    _preflight(opts, target, pte, learn, learn_cfg)
     nsamples = opts.nsamples or opts.steps * opts.batch_size
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
+    identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}
+    identity["model"] = resolve_input(opts.model)
+    identity["tokenizer"] = resolve_input(opts.tokenizer)
+    identity["calib_data"] = resolve_input(opts.calib_data)
+    if not learn:
+        identity["rotations_from"] = resolve_input(rotations_from)
     out = opts.resolved_out()
+    inputs = {"--model": opts.model, "--tokenizer": opts.tokenizer, "--calib-data": opts.calib_data, "--eval-data": opts.eval_data,
+              "--from": rotations_from.parent if rotations_from is not None else None}
+    status = claim_output(out, "calibrate", identity, inputs, opts.overwrite)
+    created = not out.exists()
+    if status == "replace":
+        clear_directory(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     run = Run(out, run_opts)
-    run.check_or_claim()
+    record_owner(out, "calibrate", identity)
+    _write_json(out / CONFIG_FILE, run_opts)
+    try:
+        _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from)
+    except BaseException:
+        if created and not _json(out / STAGES_FILE) and not (out / "learn_state.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing to resume from: leave no stub behind
+        raise
+    return _json(run.dir / "report.json")
+
+
+def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int,
+                rotations_from: Path | None) -> None:
+    from spinquant.pipeline import export_run, learn_rotations
+
+    if pte and run.done("export") and not (run.dir / "model.pte").is_file():
+        _log("[spinquant] a .pte is asked for and this run has none: the export and report stages run again")
+        for stage in ("export", "report"):
+            run.unmark(stage)
     if not learn:
         if not run.done("learn"):
             shutil.copy(rotations_from, run.dir / "R.bin")
@@ -278,7 +333,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
     else:
         t = time.perf_counter()
-        learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device, tokenizer_src=opts.tokenizer)
+        learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
+                        tokenizer_src=opts.tokenizer, claim=False)
         run.mark("learn", time.perf_counter() - t)
     for stage in ("quantize", "export", "report"):
         if run.done(stage):
@@ -289,11 +345,11 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         if stage == "quantize":
             _stage_quantize(run, opts, opts.model, run.dir / "R.bin")
         elif stage == "export" and target.scheme is not None:
-            export_run(str(run.dir), pte=opts.pte and target.pte, verify_data=None if opts.eval_data == "wikitext2" else opts.eval_data)
+            export_run(str(run.dir), pte=pte, verify_data=None if opts.eval_data == "wikitext2" else opts.eval_data,
+                       claim=False)
         elif stage == "report":
             _stage_report(run, opts, opts.model)
         run.mark(stage, time.perf_counter() - t)
-    return _json(run.dir / "report.json")
 
 
 def requantize(from_run: str, target: str, out: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -307,10 +363,12 @@ def requantize(from_run: str, target: str, out: str | None = None, **overrides: 
     opts.model = cfg.get("model_identity", opts.model)
     opts.target = target
     opts.out = out or str(src.parent / f"{src.name}-{target}")
+    # --pte/--no-pte: given, else the original run's --no-pte, else whatever the new target allows
+    opts.pte, opts.overwrite = (False if cfg.get("pte") is False else None), False
     for k, v in overrides.items():
         if v is not None:
             setattr(opts, k, v)
-    return calibrate(opts, learn=False, rotations_from=src / "R.bin")
+    return calibrate(opts, learn=False, rotations_from=(src / "R.bin").resolve())
 
 
 # --- batch -----------------------------------------------------------------------------------------
@@ -326,9 +384,39 @@ def _job_summary(job: dict[str, Any], status: str, error: str | None, seconds: f
             "kl": (ev.get("quantized") or {}).get("kl"), "size_mib": size / 2**20 if size else None, "seconds": seconds}
 
 
+PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib")
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+
+
+def _check_type(where: str, key: str, value: Any) -> None:
+    """A YAML value must have the type of the calibrate option it sets (``steps: two`` is refused, named)."""
+    allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
+    ok = ((value is None and "None" in allowed) or (isinstance(value, bool) and "bool" in allowed)
+          or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
+          or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed))
+    if not ok:
+        want = " or ".join(TYPE_WORDS[t] for t in sorted(allowed) if t != "None")
+        raise SpinQuantError(f"{where}: {key} must be {want} (got {value!r})")
+
+
+def _resolve_beside(value: str, base: Path, key: str) -> str:
+    """Relative paths in a batch file are relative to the file's folder. ``model``/data values that do not exist
+    there stay as written (hub ids such as meta-llama/Llama-3.2-1B, wikitext2, hub:NAME); ``out`` always resolves."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or value == "wikitext2" or value.startswith("hub:"):
+        return value
+    if key == "out" or (base / p).exists() or value.startswith(("./", "../")):
+        return str(base / p)
+    return value
+
+
 def load_jobs(path: str) -> list[dict[str, Any]]:
     """Jobs of a batch YAML: ``defaults:`` (calibrate options, underscores) merged into each of ``jobs:``
-    (``{model, out, ...}``, or ``{models_glob, out}`` with ``{name}`` in ``out`` standing for each match)."""
+    (``{model, out, ...}``, or ``{models_glob, out}`` with ``{name}`` in ``out`` standing for each match).
+
+    Every value is checked against the option's type, and relative paths resolve against the YAML file's
+    folder (see :func:`_resolve_beside`), so a batch runs the same from any working directory.
+    """
     import glob
 
     import yaml
@@ -343,6 +431,9 @@ def load_jobs(path: str) -> list[dict[str, Any]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
         raise SpinQuantError(f"{path} must be a mapping with a 'jobs:' list (and optional 'defaults:')")
     defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise SpinQuantError(f"{path}: 'defaults:' must be a mapping of calibrate options")
+    base = p.parent.absolute()
     valid = set(CalibrateOptions.names()) | {"models_glob"}
     jobs = []
     for i, entry in enumerate(doc["jobs"]):
@@ -353,16 +444,25 @@ def load_jobs(path: str) -> list[dict[str, Any]]:
         if unknown:
             raise SpinQuantError(f"{path}: unknown option(s) {', '.join(unknown)} in job {i + 1}; options are calibrate's flags "
                                  f"with underscores: {', '.join(CalibrateOptions.names())}")
+        for key, value in merged.items():
+            if key == "models_glob":
+                if not isinstance(value, str):
+                    raise SpinQuantError(f"{path}: job {i + 1}: models_glob must be a string (got {value!r})")
+                continue
+            _check_type(f"{path}: job {i + 1}", key, value)
+            if key in PATH_OPTIONS and isinstance(value, str) and not (key == "calib" and not value.endswith((".yaml", ".yml"))):
+                merged[key] = _resolve_beside(value, base, key)
         if "models_glob" in merged:
             pattern = merged.pop("models_glob")
-            base = pattern if Path(pattern).is_absolute() else str(p.parent / pattern)
-            matches = sorted(m for m in glob.glob(base) if Path(m).is_dir())
+            full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+            matches = sorted(m for m in glob.glob(full) if Path(m).is_dir())
             if not matches:
                 raise SpinQuantError(f"{path}: models_glob {pattern} matches no directory")
             for m in matches:
-                out = str(merged.get("out", "runs/{name}")).replace("{name}", Path(m).name)
+                out = str(merged.get("out", str(base / "runs" / "{name}"))).replace("{name}", Path(m).name)
                 jobs.append({**merged, "model": m, "out": out})
         elif "model" in merged:
+            merged.setdefault("out", str(base / "runs" / Path(str(merged["model"]).rstrip("/")).name))
             jobs.append(merged)
         else:
             raise SpinQuantError(f"{path}: job {i + 1} names neither model nor models_glob")

@@ -102,7 +102,7 @@ def test_out_dir_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_pa
     tiny_tokenizer.save_pretrained(other)
     r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(other), "--out", str(tmp_path / "rot"), "--calib-data",
                                  str(corpus_file), "--steps", "2", "--batch-size", "2", "--seqlen", "48"])
-    assert r.exit_code == 2 and "rotations learned for another model" in r.output
+    assert r.exit_code == 2 and "holds a run of a different model" in r.output
 
 
 def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_file, tmp_path):

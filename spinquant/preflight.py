@@ -1,0 +1,165 @@
+"""Checks that run before any output is created: every bad input fails here, with the fix named.
+
+Cheap by design: configs, safetensors headers (shapes, truncation) and tokenizers are read; the weights
+only by ``check_finite_weights`` (one tensor at a time). Every model load checks them too
+(``models.check_finite``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from spinquant.errors import SpinQuantError
+
+
+def weight_shapes(model_src: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a local HF directory's safetensors shards, read from their headers.
+
+    A truncated or corrupt shard raises SpinQuantError naming it. Directories without safetensors
+    (``pytorch_model.bin``) give {} (transformers reads those with ``weights_only=True``).
+    """
+    from safetensors import safe_open
+
+    folder = Path(model_src).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise SpinQuantError(f"cannot read {index} ({exc}): the model directory is damaged; re-save or re-download it") from exc
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if not f.is_file():
+            raise SpinQuantError(f"the model's shard {f} is missing: re-save or re-download the model")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    shapes[key] = tuple(st.get_slice(key).get_shape())
+        except Exception as exc:  # SafetensorError for truncated or corrupt headers
+            raise SpinQuantError(f"the model's shard {f.name} is truncated or corrupt ({str(exc).splitlines()[0]}): "
+                                 f"re-save or re-download the model") from exc
+    return shapes
+
+
+def check_weight_shapes(shapes: dict[str, tuple[int, ...]], config: Any, where: str) -> None:
+    """The embedding (and lm_head, when stored) must agree with the config's vocab_size and hidden_size."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        shape = shapes.get(key)
+        if shape is not None and shape != (config.vocab_size, config.hidden_size):
+            raise SpinQuantError(
+                f"{where}: {key} has shape {list(shape)} but config.json says vocab_size {config.vocab_size} and "
+                f"hidden_size {config.hidden_size}: fix config.json (vocab_size {shape[0]}?) or the weights")
+
+
+def check_finite_weights(model_src: str | os.PathLike) -> None:
+    """Refuse NaN/Inf weights of a local HF directory before any work, reading one tensor at a time (memory: the
+    largest tensor). Other sources are checked when they are loaded (models.check_finite)."""
+    from safetensors import safe_open
+
+    from spinquant.models import check_finite, describe_source
+
+    if describe_source(model_src) != "hf":
+        return
+    weight_shapes(model_src)  # truncated shards fail here with their name
+
+    def stream():
+        for f in sorted(Path(model_src).expanduser().glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+
+    check_finite(stream(), str(model_src))
+
+
+def check_tokenizer_vocab(tokenizer: Any, config: Any, where: str) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    n = len(tokenizer)
+    if n > config.vocab_size:
+        raise SpinQuantError(f"the tokenizer has {n} tokens but the model {where} has only {config.vocab_size} embedding rows: "
+                             f"pass the model's own tokenizer (--tokenizer DIR) or a model whose vocabulary covers it")
+
+
+def executorch_rope_problem(config: Any) -> str | None:
+    """Why ExecuTorch's Llama (rope.py: llama3 scaling with low_freq_factor 1, original context 8192 and integer
+    factors, or no scaling) cannot compute this model's RoPE; None when it can."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        return f"RoPE type '{kind}'"
+    low, orig = float(rope.get("low_freq_factor", 1.0)), int(rope.get("original_max_position_embeddings", 8192))
+    factor, high = float(rope.get("factor", 8)), float(rope.get("high_freq_factor", 4))
+    if low != 1.0:
+        return f"llama3 RoPE with low_freq_factor {low} (ExecuTorch fixes it at 1)"
+    if orig != 8192:
+        return f"llama3 RoPE with original_max_position_embeddings {orig} (ExecuTorch fixes it at 8192)"
+    if factor != int(factor) or high != int(high):
+        return f"llama3 RoPE with non-integer factor {factor} / high_freq_factor {high} (ExecuTorch takes integers)"
+    return None
+
+
+def check_executorch_rope(config: Any, where: str) -> None:
+    problem = executorch_rope_problem(config)
+    if problem:
+        raise SpinQuantError(f"{where} uses {problem}, which ExecuTorch's Llama cannot compute, so its .pte would not match: "
+                             f"pass --no-pte (the quantized run stays correct) or use a target without ExecuTorch export "
+                             f"(qnn-float-rotated)")
+
+
+def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = False) -> None:
+    """Hadamard matrices exist for R1 (hidden), R2 (head_dim) and R4 (intermediate); with ``executorch_r4`` the
+    intermediate size must be a power of two (ExecuTorch's fast_hadamard_transform)."""
+    from spinquant.fusion import head_dim
+    from spinquant.hadamard import is_supported_size, hadamard_matrix
+
+    sizes = [(config.hidden_size, "R1 (hidden_size)"), (head_dim(config), "R2 (head_dim)")]
+    if r4:
+        sizes.append((config.intermediate_size, "R4 (intermediate_size)"))
+    for n, what in sizes:
+        if not is_supported_size(n):
+            hadamard_matrix(n, what)  # raises the one message that explains the supported sizes
+    inter = config.intermediate_size
+    if r4 and executorch_r4 and inter & (inter - 1):
+        raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
+                             f"(fast_hadamard_transform, R4) cannot compute it; pass --no-pte, or use a model whose "
+                             f"intermediate size is a power of two")
+
+
+def check_model(model_src: str, tokenizer_src: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """(config, tokenizer) of a model source, checked: a Llama, weights present and consistent with the config,
+    a tokenizer whose vocabulary fits the embedding. Raises SpinQuantError with the fix named."""
+    from spinquant.models import describe_source, load_config
+    from spinquant.pipeline import try_load_tokenizer
+
+    kind = describe_source(model_src)
+    config = load_config(model_src)
+    if kind == "hf":
+        check_weight_shapes(weight_shapes(model_src), config, str(model_src))
+    if tokenizer_src is not None and not Path(tokenizer_src).expanduser().exists() and kind != "hub":
+        raise SpinQuantError(f"no such tokenizer directory: {tokenizer_src}")
+    tokenizer = try_load_tokenizer(model_src, tokenizer_src)
+    if tokenizer is None and need_tokenizer:
+        raise SpinQuantError(f"{model_src} has no tokenizer, which calibration needs: pass --tokenizer DIR")
+    if tokenizer is not None:
+        check_tokenizer_vocab(tokenizer, config, str(model_src))
+    return config, tokenizer
+
+
+def check_data_path(data: str | None, flag: str) -> None:
+    """A local data path given by the user must exist (names like wikitext2 and hub:... are resolved later)."""
+    if data is None or data == "wikitext2" or data.startswith("hub:"):
+        return
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise SpinQuantError(f"{flag} {data}: no such file or folder (pass a local .txt/.raw/.jsonl/.parquet file, a folder "
+                             f"of them, wikitext2 or hub:NAME)")
+    from spinquant.data import local_data_files
+
+    local_data_files(p)  # type and encoding checks
