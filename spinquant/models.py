@@ -296,7 +296,8 @@ def load_meta(path: str | os.PathLike) -> LlamaForCausalLM:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise SpinQuantError(f"cannot read the checkpoint {ckpt} (corrupt or not a torch file): {exc}") from exc
+        raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt}: corrupt, not a torch file, or holding more than tensors "
+                             f"(spinquant never runs code from a file: weights_only=True)") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if any(k.endswith(".scales") for k in state):
@@ -348,7 +349,8 @@ def load_config(source: str | os.PathLike) -> LlamaConfig:
             state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
             params = json.loads((ckpt.parent / "params.json").read_text())
         except Exception as exc:
-            raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt} (corrupt?): {exc}") from exc
+            raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt}: corrupt, not a torch file, or holding more than "
+                                 f"tensors (spinquant never runs code from a file: weights_only=True)") from exc
         return config_from_meta_params(params, state.get("model", state))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=kind == "hf")

@@ -6,6 +6,7 @@ The ``.pte`` is produced exactly as a user would produce it by hand from our che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,6 +95,21 @@ def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while C++ libraries print to it (Python exceptions still propagate)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class PteModel:
     """A .pte as a LogitsFn: ids (1, T) -> logits (1, T, vocab), through executorch's runtime.
 
@@ -112,8 +128,9 @@ class PteModel:
         if not self.path.is_file():
             raise SpinQuantError(f"no such .pte file: {self.path}")
         try:
-            program = Runtime.get().load_program(self.path)
-            self.method = program.load_method("forward")
+            with native_stderr_silenced():  # the runtime's cpuinfo notes ("# of cpus dont match") are not for users
+                program = Runtime.get().load_program(self.path)
+                self.method = program.load_method("forward")
         except Exception as exc:
             raise SpinQuantError(f"executorch cannot load {self.path}: {exc}") from exc
         probe = self._call(torch.zeros(1, 2, dtype=torch.long), 0)

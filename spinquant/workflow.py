@@ -306,8 +306,9 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     run = Run(out, run_opts)
-    record_owner(out, "calibrate", identity)
-    _write_json(out / CONFIG_FILE, run_opts)
+    if status != "same":  # a resume keeps the record of the run it continues
+        record_owner(out, "calibrate", identity)
+        _write_json(out / CONFIG_FILE, run_opts)
     try:
         _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from)
     except BaseException:

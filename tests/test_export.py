@@ -116,7 +116,40 @@ def test_pte_verified_against_fake_quant(exported_run):
     m = v["verification"]
     assert m["top1_agreement"] >= 0.99
     assert abs(m["ppl_pte"] / m["ppl_ours"] - 1) <= 0.01
+    assert 0 < m["kl_ours_to_pte"] <= m["kl_bound"] == pytest.approx(0.2 * m["kl_float_to_ours"])
     assert "--use_spin_quant native" in v["export"]["command"] and "--preq_mode 8da4w_output_8da8w" in v["export"]["command"]
+
+
+def test_wrong_checkpoint_is_rejected_that_top1_would_accept(exported_run, tmp_path, monkeypatch):
+    """A checkpoint of the same model quantized at group 64 (scales repeated into the group-32 layout): close to ours,
+    top-1 100% and perplexity within 0.1% on random tiny models (benchmarks/results/verification_margins.md), yet
+    KL(ours||pte) is of the size of the quantization KL itself. The verification must refuse it and write nothing."""
+    import shutil
+
+    from spinquant import export
+    from spinquant.quant.primitives import dequantize_weight, quantize_weight, weight_scales
+
+    real = export.executorch_state_dict
+
+    def group_64(model, scheme):
+        sd = real(model, scheme)
+        for key in [k[: -len(".scales")] for k in sd if k.startswith("layers.") and k.endswith(".scales")]:
+            w = dequantize_weight(sd[f"{key}.weight"], sd[f"{key}.scales"], 32)
+            s = weight_scales(w, 4, 64)
+            sd[f"{key}.weight"] = quantize_weight(w, s, 4, 64)
+            sd[f"{key}.scales"] = s.repeat_interleave(2, dim=1).contiguous()
+        return sd
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    monkeypatch.setattr(export, "executorch_state_dict", group_64)
+    r = _invoke("export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4", "--max-seq-len", "128")
+    assert r.exit_code == 2 and "does not match our fake-quant model" in r.output, r.output
+    failed = json.loads((run / "verification.failed.json").read_text())["verification"]
+    assert failed["kl_ours_to_pte"] > failed["kl_bound"] and failed["top1_agreement"] >= 0.9
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "verification.failed.json"}
+    assert after == before and not [p for p in run.iterdir() if ".partial-" in p.name]
 
 
 def test_eval_through_the_pte_runtime(exported_run, corpus_file):
