@@ -162,8 +162,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
                     extra_config: dict | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory.
 
-    Every input is checked and the model loaded before ``out_dir`` is claimed (spinquant.outputs); the run is
-    written to a temp directory and renamed into place once it reloads to the same logits.
+    Every input is checked before ``out_dir`` is claimed (spinquant.outputs: a check, it writes nothing); the
+    run is written to a temp directory and renamed into place once it reloads to the same logits.
     """
     import time
 
@@ -452,8 +452,8 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
 
     The learning state is saved in ``out_dir`` every ``cfg.save_every`` steps; a re-run with the same
     ``out_dir`` and options continues from it. ``stop_after`` stops after that many steps (tests).
-    Every input is checked and the model loaded before ``out_dir`` is claimed (spinquant.outputs);
-    ``claim=False``: the caller (calibrate) owns ``out_dir``.
+    Every input is checked and the model loaded before anything is written to ``out_dir``
+    (spinquant.outputs); ``claim=False``: the caller (calibrate) owns ``out_dir``.
     """
     import torch.distributed as dist
 

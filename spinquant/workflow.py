@@ -235,7 +235,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
-def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg) -> None:
+def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int) -> None:
     """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
     headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
     calibration and evaluation data (tokenized now; the windows are cached for the stages)."""
@@ -259,7 +259,7 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     check_seqlen(opts.seqlen, getattr(config, "max_position_embeddings", None))
     if learn:
         learn_cfg.check()
-        calibration_windows(_calibration(opts, opts.nsamples or opts.steps * opts.batch_size), tokenizer)
+        calibration_windows(_calibration(opts, nsamples), tokenizer)
     if target.scheme is not None:
         calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
     check_data_path(opts.eval_data, "--eval-data")
@@ -286,8 +286,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant)
-    _preflight(opts, target, pte, learn, learn_cfg)
     nsamples = opts.nsamples or opts.steps * opts.batch_size
+    _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
     identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}

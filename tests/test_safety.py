@@ -63,6 +63,19 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def exporters_of(parent: int) -> list[int]:
+    """PIDs of executorch export_llama processes whose parent is ``parent``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"export_llama" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 class Payload:
     """A pickle whose unpickling would create ``marker``: what a crafted state file or checkpoint carries."""
 
@@ -401,6 +414,10 @@ def test_failed_start_does_not_block_its_fix(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "report.json").is_file()
     assert json.loads((out / "spinquant_output.json").read_text())["calibrate"]["seqlen"] == 64
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # reports, checkpoint, state: the umask's mode, not 0600
 
 
 def test_same_quantize_again_replaces_identical_run_and_overwrite_replaces_other(world, tmp_path):
@@ -417,8 +434,10 @@ def test_same_quantize_again_replaces_identical_run_and_overwrite_replaces_other
     assert r.returncode == 0, r.stderr
     assert (out / "quantized.safetensors").read_bytes() != first
     # files are published under the umask like any other tool's, not 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert set(modes.values()) == {0o644}, modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_export_into_its_own_run_then_reexport_with_other_options_needs_overwrite(world, tmp_path):
@@ -512,14 +531,14 @@ def test_sigterm_during_export_kills_the_exporter_and_leaves_no_partial_files(wo
     exports_before = export_temp_dirs()
     proc = subprocess.Popen([sys.executable, "-m", "spinquant", "export", "--from", str(run), "--overwrite"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: processes_mentioning("export_llama") and any("export_llama" in a and "spinquant-export-" in a
-                                                                  for a in processes_mentioning("export_llama")),
-             180, "executorch's export_llama to start")
+    wait_for(lambda: exporters_of(proc.pid), 180, "executorch's export_llama to start")
+    exporters = exporters_of(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].startswith("error: terminated")
-    wait_for(lambda: not [a for a in processes_mentioning("export_llama") if "spinquant-export-" in a], 10, "the exporter to die")
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and b"export_llama" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                             for pid in exporters), 10, "the exporter to die")
     assert tree_digest(run) == before and not [p for p in run.iterdir() if ".partial-" in p.name]
     assert export_temp_dirs() <= exports_before
 
