@@ -216,8 +216,9 @@ def load_rbin(path, r4: bool = True) -> Rotations:
     except FileNotFoundError as exc:
         raise SpinQuantError(f"no such rotation file: {path}") from exc
     except Exception as exc:
-        raise SpinQuantError(f"cannot read rotation file {path}: corrupt, not a torch file, or holding more than tensors "
-                             f"(spinquant never runs code from a file: weights_only=True)") from exc
+        from spinquant.models import unreadable_torch_file  # local import: models imports this module inside load_hf
+
+        raise SpinQuantError(unreadable_torch_file("rotation file", path)) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpinQuantError(f"{path} is not an R.bin: expected a dict of tensors")
     for name, q in state.items():

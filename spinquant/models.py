@@ -107,6 +107,12 @@ def untie_embeddings(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return model
 
 
+def unreadable_torch_file(what: str, path: str | os.PathLike) -> str:
+    """The one message for a torch file that ``torch.load(weights_only=True)`` refused."""
+    return (f"cannot read {what} {path}: corrupt, not a torch file, or holding more than tensors "
+            f"(spinquant never runs code from a file: weights_only=True)")
+
+
 def _hub_fetch_error(source: str) -> str:
     return (f"could not fetch '{source}' from the Hugging Face hub (no network, wrong id, or a gated model without a "
             f"login): download it first and pass the local directory")
@@ -296,8 +302,7 @@ def load_meta(path: str | os.PathLike) -> LlamaForCausalLM:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt}: corrupt, not a torch file, or holding more than tensors "
-                             f"(spinquant never runs code from a file: weights_only=True)") from exc
+        raise SpinQuantError(unreadable_torch_file("the Meta checkpoint", ckpt)) from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if any(k.endswith(".scales") for k in state):
@@ -349,8 +354,7 @@ def load_config(source: str | os.PathLike) -> LlamaConfig:
             state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
             params = json.loads((ckpt.parent / "params.json").read_text())
         except Exception as exc:
-            raise SpinQuantError(f"cannot read the Meta checkpoint {ckpt}: corrupt, not a torch file, or holding more than "
-                                 f"tensors (spinquant never runs code from a file: weights_only=True)") from exc
+            raise SpinQuantError(unreadable_torch_file("the Meta checkpoint", ckpt)) from exc
         return config_from_meta_params(params, state.get("model", state))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=kind == "hf")

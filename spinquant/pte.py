@@ -78,7 +78,7 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
 
 def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a child in its own process group, output captured; if we are interrupted (SIGINT, or SIGTERM turned
-    into SystemExit by the CLI) the whole group is killed before the exception goes on, so no exporter keeps
+    into the CLI's Terminated exception) the whole group is killed before the exception goes on, so no exporter keeps
     running behind us. (subprocess.run kills only the direct child, and only on SIGINT.)"""
     import signal
 
