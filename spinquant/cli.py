@@ -355,9 +355,13 @@ def requantize(run_dir, target, out, pte, device, overwrite) -> None:
 
 
 @cli.command()
-@click.argument("jobs_file")
+@click.argument("jobs_file", required=False)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the jobs as Ray tasks: ADDRESS is auto, host:port or ray://host:port of an existing cluster; "
+                   "--ray alone starts a local Ray instance. Needs pip install \"spinquant[ray]\" on every node.")
+@click.option("--cpus-per-job", default=2, show_default=True, help="With --ray: CPUs a CPU job asks for (a CUDA job asks for one GPU).")
 @friendly_errors
-def batch(jobs_file: str) -> None:
+def batch(jobs_file: str | None, ray_address: str | None, cpus_per_job: int) -> None:
     """Calibrate many models from a YAML file; continue past failures; skip finished jobs; summary table.
 
     \b
@@ -366,24 +370,32 @@ def batch(jobs_file: str) -> None:
         calib_data: data/chats.jsonl
         gptq_nsamples: 128
         pte: false
+        out_root: /mnt/shared/runs   # optional: where outs go
       jobs:
-        - {model: ft/customer-a, out: runs/customer-a}
+        - {model: ft/customer-a, out: customer-a}
         - {model: ft/customer-b, target: xnnpack-8da4w-g64}
-        - {models_glob: "ft/nightly-*", out: "runs/{name}"}
+        - {models_glob: "ft/nightly-*", out: "{name}"}
     \b
-    Relative paths resolve against the YAML file's folder; a job without
-    out: writes runs/<model name> there. Values are checked against each
-    option's type before any job runs. Writes JOBS.summary.md and
-    JOBS.summary.json beside the file; exit 1 if a job failed.
+    Relative paths resolve against the YAML file's folder, except out:,
+    which resolves against out_root when set; a job without out: writes
+    out_root/<model name> (else runs/<model name> beside the YAML). Values
+    are checked against each option's type before any job runs.
+    \b
+    With --ray, every path written relative must resolve inside shared
+    storage: out_root, or shared_root: when inputs live outside it.
+    Each job's log goes to <out>.log. One line per job state change.
+    \b
+    Writes JOBS.summary.md and JOBS.summary.json beside the file;
+    exit 1 if a job failed.
     """
-    from spinquant.atomic import write_text_atomic
-    from spinquant.workflow import run_batch, summary_table
+    from spinquant.batch import run_batch, write_summary
 
-    rows = run_batch(jobs_file)
-    table = summary_table(rows)
-    base = Path(jobs_file).with_suffix("")
-    write_text_atomic(base.parent / f"{base.name}.summary.md", table + "\n")
-    write_text_atomic(base.parent / f"{base.name}.summary.json", json.dumps(rows, indent=2))
+    if jobs_file is None and ray_address and ray_address.endswith((".yaml", ".yml")):
+        jobs_file, ray_address = ray_address, "local"  # `batch --ray JOBS.yaml`: the file is not an address
+    if jobs_file is None:
+        raise click.UsageError("Missing argument 'JOBS_FILE'.")
+    rows = run_batch(jobs_file, ray_address=ray_address, cpus_per_job=cpus_per_job)
+    table = write_summary(jobs_file, rows)
     click.echo(table)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:

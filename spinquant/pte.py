@@ -76,13 +76,25 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): the kernel sends it SIGKILL when its parent dies, even by SIGKILL or the OOM
+    killer (a killed batch worker), which no exception handler of ours can see."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a child in its own process group, output captured; if we are interrupted (SIGINT, or SIGTERM turned
     into the CLI's Terminated exception) the whole group is killed before the exception goes on, so no exporter keeps
-    running behind us. (subprocess.run kills only the direct child, and only on SIGINT.)"""
+    running behind us. (subprocess.run kills only the direct child, and only on SIGINT.) If we are killed outright, the
+    kernel kills the child (:func:`_die_with_parent`)."""
     import signal
 
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         out, err = proc.communicate()
     except BaseException:

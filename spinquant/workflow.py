@@ -1,5 +1,5 @@
-"""What users run: ``calibrate`` (the whole pipeline, resumable by stage), ``requantize`` (another target
-from learned rotations, no learning) and ``batch`` (many models from a YAML file).
+"""What users run: ``calibrate`` (the whole pipeline, resumable by stage) and ``requantize`` (another target
+from learned rotations, no learning); ``batch`` (many models from a YAML file) is spinquant.batch.
 
 A calibrate run directory holds at its top level: ``R.bin`` (+ ``losses.json``, ``learning_curve.png``),
 the quantized run (``quantized.safetensors``, ``quant_config.json``, ``config.json``, tokenizer files),
@@ -334,8 +334,10 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
         _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
     else:
         t = time.perf_counter()
-        learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
-                        tokenizer_src=opts.tokenizer, claim=False)
+        learned = learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
+                                  tokenizer_src=opts.tokenizer, claim=False)
+        if learned.get("resumed_from"):
+            _log(f"[spinquant] stage learn: resumed from step {learned['resumed_from']} of its saved state")
         run.mark("learn", time.perf_counter() - t)
     for stage in ("quantize", "export", "report"):
         if run.done(stage):
@@ -370,185 +372,3 @@ def requantize(from_run: str, target: str, out: str | None = None, **overrides: 
         if v is not None:
             setattr(opts, k, v)
     return calibrate(opts, learn=False, rotations_from=(src / "R.bin").resolve())
-
-
-# --- batch -----------------------------------------------------------------------------------------
-
-
-def _job_summary(job: dict[str, Any], status: str, error: str | None, seconds: float) -> dict[str, Any]:
-    out = CalibrateOptions(model=job["model"], out=job.get("out")).resolved_out()
-    rep = _json(out / "report.json")
-    ev = rep.get("evaluation") or {}
-    size = next((b for f, b in (rep.get("sizes") or {}).items() if f in ("model.pte", "consolidated.00.pth")), None)
-    return {"model": job["model"], "out": str(out), "status": status, "error": error,
-            "ppl_float": (ev.get("float") or {}).get("ppl"), "ppl_quantized": (ev.get("quantized") or {}).get("ppl"),
-            "kl": (ev.get("quantized") or {}).get("kl"), "size_mib": size / 2**20 if size else None, "seconds": seconds}
-
-
-PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib")
-TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
-
-
-def _check_type(where: str, key: str, value: Any) -> None:
-    """A YAML value must have the type of the calibrate option it sets (``steps: two`` is refused, named)."""
-    allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
-    ok = ((value is None and "None" in allowed) or (isinstance(value, bool) and "bool" in allowed)
-          or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
-          or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed))
-    if not ok:
-        want = " or ".join(TYPE_WORDS[t] for t in sorted(allowed) if t != "None")
-        raise SpinQuantError(f"{where}: {key} must be {want} (got {value!r})")
-
-
-def _resolve_beside(value: str, base: Path, key: str) -> str:
-    """Relative paths in a batch file are relative to the file's folder. ``model``/data values that do not exist
-    there stay as written (hub ids such as meta-llama/Llama-3.2-1B, wikitext2, hub:NAME); ``out`` always resolves."""
-    p = Path(value).expanduser()
-    if p.is_absolute() or value == "wikitext2" or value.startswith("hub:"):
-        return value
-    if key == "out" or (base / p).exists() or value.startswith(("./", "../")):
-        return str(base / p)
-    return value
-
-
-def load_jobs(path: str) -> list[dict[str, Any]]:
-    """Jobs of a batch YAML: ``defaults:`` (calibrate options, underscores) merged into each of ``jobs:``
-    (``{model, out, ...}``, or ``{models_glob, out}`` with ``{name}`` in ``out`` standing for each match).
-
-    Every value is checked against the option's type, and relative paths resolve against the YAML file's
-    folder (see :func:`_resolve_beside`), so a batch runs the same from any working directory.
-    """
-    import glob
-
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise SpinQuantError(f"no such batch file: {path}")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpinQuantError(f"invalid YAML in {path}: {' '.join(str(exc).split())}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
-        raise SpinQuantError(f"{path} must be a mapping with a 'jobs:' list (and optional 'defaults:')")
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise SpinQuantError(f"{path}: 'defaults:' must be a mapping of calibrate options")
-    base = p.parent.absolute()
-    valid = set(CalibrateOptions.names()) | {"models_glob"}
-    jobs = []
-    for i, entry in enumerate(doc["jobs"]):
-        if not isinstance(entry, dict):
-            raise SpinQuantError(f"{path}: job {i + 1} is not a mapping")
-        merged = {**defaults, **entry}
-        unknown = sorted(set(merged) - valid)
-        if unknown:
-            raise SpinQuantError(f"{path}: unknown option(s) {', '.join(unknown)} in job {i + 1}; options are calibrate's flags "
-                                 f"with underscores: {', '.join(CalibrateOptions.names())}")
-        for key, value in merged.items():
-            if key == "models_glob":
-                if not isinstance(value, str):
-                    raise SpinQuantError(f"{path}: job {i + 1}: models_glob must be a string (got {value!r})")
-                continue
-            _check_type(f"{path}: job {i + 1}", key, value)
-            if key in PATH_OPTIONS and isinstance(value, str) and not (key == "calib" and not value.endswith((".yaml", ".yml"))):
-                merged[key] = _resolve_beside(value, base, key)
-        if "models_glob" in merged:
-            pattern = merged.pop("models_glob")
-            full = pattern if Path(pattern).is_absolute() else str(base / pattern)
-            matches = sorted(m for m in glob.glob(full) if Path(m).is_dir())
-            if not matches:
-                raise SpinQuantError(f"{path}: models_glob {pattern} matches no directory")
-            for m in matches:
-                out = str(merged.get("out", str(base / "runs" / "{name}"))).replace("{name}", Path(m).name)
-                jobs.append({**merged, "model": m, "out": out})
-        elif "model" in merged:
-            merged.setdefault("out", str(base / "runs" / Path(str(merged["model"]).rstrip("/")).name))
-            jobs.append(merged)
-        else:
-            raise SpinQuantError(f"{path}: job {i + 1} names neither model nor models_glob")
-    return jobs
-
-
-def _finished(job: dict[str, Any]) -> bool:
-    out = CalibrateOptions(model=job["model"], out=job.get("out")).resolved_out()
-    return all(s in _json(out / STAGES_FILE) for s in STAGES) and (out / "report.json").is_file()
-
-
-def run_batch(path: str) -> list[dict[str, Any]]:
-    """Run every job (skipping finished ones, continuing past failures); returns one summary row per job.
-
-    With several CUDA devices, jobs run in parallel, one per GPU, as ``spinquant calibrate`` subprocesses.
-    """
-    jobs = load_jobs(path)
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    pending = []
-    for i, job in enumerate(jobs):
-        if _finished(job):
-            rows[i] = _job_summary(job, "skipped (finished)", None, 0.0)
-        else:
-            pending.append(i)
-    if n_gpus > 1:
-        _run_parallel(jobs, pending, rows, n_gpus)
-    for i in pending:
-        if rows[i] is not None:
-            continue
-        t = time.perf_counter()
-        try:
-            calibrate(CalibrateOptions(**jobs[i]))
-            rows[i] = _job_summary(jobs[i], "ok", None, time.perf_counter() - t)
-        except Exception as exc:  # a failed job must not stop the others
-            msg = str(exc) if isinstance(exc, SpinQuantError) else f"{type(exc).__name__}: {exc}"
-            rows[i] = _job_summary(jobs[i], "failed", msg.splitlines()[0] if msg else type(exc).__name__, time.perf_counter() - t)
-        _log(f"[spinquant batch] {jobs[i]['model']}: {rows[i]['status']}" + (f" ({rows[i]['error']})" if rows[i]["error"] else ""))
-    return [r for r in rows if r is not None]
-
-
-def _calibrate_argv(job: dict[str, Any]) -> list[str]:
-    argv = []
-    for k, v in job.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif v is not None:
-            argv += [flag, str(v)]
-    return argv
-
-
-def _run_parallel(jobs, pending, rows, n_gpus: int) -> None:
-    import os
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-    from queue import Queue
-
-    gpus: Queue = Queue()
-    for g in range(n_gpus):
-        gpus.put(g)
-
-    def one(i: int) -> None:
-        g = gpus.get()
-        t = time.perf_counter()
-        try:
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}
-            proc = subprocess.run([sys.executable, "-m", "spinquant", "calibrate", *_calibrate_argv(jobs[i])], env=env,
-                                  capture_output=True, text=True)
-            err = None if proc.returncode == 0 else ((proc.stderr.strip().splitlines() or ["failed"])[-1])
-            rows[i] = _job_summary(jobs[i], "ok" if err is None else "failed", err, time.perf_counter() - t)
-        finally:
-            gpus.put(g)
-
-    with ThreadPoolExecutor(max_workers=n_gpus) as pool:
-        list(pool.map(one, pending))
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    def f(v, spec):
-        return "–" if v is None else format(v, spec)
-
-    lines = ["| model | status | error | PPL float | PPL quantized | KL | size (MiB) | time (s) |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['status']} | {r['error'] or ''} | {f(r['ppl_float'], '.3f')} | {f(r['ppl_quantized'], '.3f')} | "
-                     f"{f(r['kl'], '.4f')} | {f(r['size_mib'], '.1f')} | {r['seconds']:.0f} |")
-    return "\n".join(lines)

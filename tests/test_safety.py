@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from spinquant.cli import cli
+from tests.helpers import wait_for
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RTN = ["--method", "rtn"]
@@ -515,15 +515,6 @@ def test_every_calibrate_option_is_described_and_batch_help_shows_the_format():
 # --- signals: the exporter's process group, partial files, resume -------------------------------------------------
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigterm_during_export_kills_the_exporter_and_leaves_no_partial_files(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world / "run-a", run)
@@ -556,3 +547,16 @@ def test_sigkill_during_learning_resumes_from_the_saved_state(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout and "resumed from step 0" not in r.stdout, r.stdout
     assert (out / "R.bin").is_file() and not [p for p in out.iterdir() if ".partial-" in p.name]
+
+
+def test_a_killed_spinquant_takes_its_exporter_child_with_it():
+    """SIGKILL (or the OOM killer) reaches no handler of ours: the kernel must end the exporter's process group leader."""
+    code = "from pathlib import Path; from spinquant.pte import run_child; run_child(['sleep', '300'], Path('.'))"
+    parent = subprocess.Popen([sys.executable, "-c", code], env=ENV)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    wait_for(lambda: children.read_text().split(), 60, "the child")
+    child = int(children.read_text().split()[0])
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], 10,
+             "the child to die with its parent")
