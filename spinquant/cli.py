@@ -296,7 +296,10 @@ def _target_help() -> str:
 @click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME.")
 @click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: text]; rows with 'messages' are chat.")
 @click.option("--target", default="xnnpack-8da4w-g32", show_default=True, help=_target_help())
-@click.option("--steps", default=100, show_default=True, help="Rotation-learning steps.")
+@click.option("--rotations", type=click.Choice(["learned", "hadamard"]), default="learned", show_default=True,
+              help="learned: R1/R2 learned by Cayley SGD from a random Hadamard start; hadamard: that seeded random Hadamard "
+                   "itself, no learning (minutes on a CPU; the route for machines without a GPU).")
+@click.option("--steps", default=100, show_default=True, help="Rotation-learning steps (0: no learning, as --rotations hadamard).")
 @click.option("--nsamples", type=int, default=None, help="Rotation-learning windows [default: steps x batch size = 800].")
 @click.option("--seqlen", default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per learning step.")

@@ -82,7 +82,11 @@ class Rotations:
     @staticmethod
     def random_hadamard(model: LlamaForCausalLM, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> "Rotations":
         """Seeded random Hadamard R1 and per-layer R2 (each D @ H with its own signs), and R4."""
-        cfg = model.config
+        return Rotations.random_hadamard_for(model.config, seed, r1, r2, r4)
+
+    @staticmethod
+    def random_hadamard_for(cfg, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> "Rotations":
+        """:meth:`random_hadamard` from a model's config alone (no weights needed)."""
         hd = head_dim(cfg)
         return Rotations(
             r1=random_hadamard_matrix(cfg.hidden_size, seed, "R1 (hidden size)") if r1 else None,

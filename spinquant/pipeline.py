@@ -385,6 +385,11 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
             ours = cached_logits_fn(hf_logits_fn(model))
             metrics = compare_logits(ours, PteModel(stage / "model.pte"), windows)
+            ours.release()  # our logits are cached: free our model before the float model loads (one at a time)
+            del model
+            import gc
+
+            gc.collect()
             metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
             kl_quant = quantization_kl(run, ours, windows)
             metrics["kl_float_to_ours"] = kl_quant

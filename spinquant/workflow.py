@@ -40,7 +40,8 @@ class CalibrateOptions:
     calib: str = "wikitext2"
     calib_data: str | None = None
     target: str = DEFAULT_TARGET
-    steps: int = 100
+    rotations: str = "learned"  # learned: Cayley SGD from random Hadamard; hadamard: the seeded random Hadamard, no learning
+    steps: int = 100  # 0: the same as rotations="hadamard"
     nsamples: int | None = None  # default: steps * batch_size (800)
     seqlen: int = 2048
     batch_size: int = 8
@@ -100,7 +101,15 @@ class Run:
     def mark(self, stage: str, seconds: float) -> None:
         stages = _json(self.dir / STAGES_FILE)
         stages[stage] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this stage's peak (reset by start_stage)
+            stages[stage]["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
         _write_json(self.dir / STAGES_FILE, stages)
+
+    @staticmethod
+    def start_stage() -> None:
+        """Reset CUDA's peak-memory counter, so that :meth:`mark` records the stage's own peak."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
 
     def unmark(self, stage: str) -> None:
         stages = _json(self.dir / STAGES_FILE)
@@ -196,28 +205,36 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     except SpinQuantError as exc:
         report["evaluation"] = {"skipped": f"{exc} (pass --eval-data PATH)"}
         windows = None
+    # memory: one model at a time where possible (a 1B model is 5 GB in float32). The float model's logits are
+    # cached per window; the residual-stream statistics rotate the float model in place; it is freed before the
+    # quantized model is loaded.
+    ev: dict[str, Any] | None = None
     if windows is not None:
         ref = cached_logits_fn(hf_logits_fn(float_model))
-        ev: dict[str, Any] = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                              "float": evaluate(ref, windows, progress=False).to_dict()}
-        if target.scheme is not None:
-            ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()
-            if opts.compare_hadamard:
-                from spinquant.quant.apply import WeightQuantConfig, quantize_model
-                from spinquant.data import calibration_windows
-                from spinquant.fusion import Rotations
+        ev = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+              "float": evaluate(ref, windows, progress=False).to_dict()}
+        if target.scheme is not None and opts.compare_hadamard:
+            from spinquant.data import calibration_windows
+            from spinquant.fusion import Rotations
+            from spinquant.quant.apply import WeightQuantConfig, quantize_model
 
-                m = copy.deepcopy(float_model)
-                fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed))
-                quantize_model(m, target.scheme, WeightQuantConfig(), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
-                ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
-        report["evaluation"] = ev
+            m = copy.deepcopy(float_model)
+            fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed))
+            quantize_model(m, target.scheme, WeightQuantConfig(), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
+            ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
+            del m
     # residual-stream outliers before and after the learned rotation, on a few windows
     probe = windows[:2, :512] if windows is not None else torch.randint(0, float_model.config.vocab_size, (2, 256))
     before = residual_stats(float_model, probe)
-    rotated = copy.deepcopy(float_model)
-    fuse_and_rotate(rotated, load_rbin(run.dir / "R.bin"))
-    after = residual_stats(rotated, probe)
+    fuse_and_rotate(float_model, load_rbin(run.dir / "R.bin"))
+    after = residual_stats(float_model, probe)
+    if windows is not None:
+        ref.release()  # every window is cached: the float model can go
+    del float_model
+    if ev is not None:
+        if target.scheme is not None:
+            ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()
+        report["evaluation"] = ev
     report["residual_stats"] = {"original": before, "rotated": after}
     try:
         plot_residual_stats(before, after, run.dir / "residual_stats.png")
@@ -235,10 +252,10 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
-def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int) -> None:
+def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int):
     """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
     headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
-    calibration and evaluation data (tokenized now; the windows are cached for the stages)."""
+    calibration and evaluation data (tokenized now; the windows are cached for the stages). Returns the model's config."""
     from spinquant.data import calibration_windows
     from spinquant.evaluate import check_seqlen
     from spinquant.models import describe_source
@@ -264,6 +281,7 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
         calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
     check_data_path(opts.eval_data, "--eval-data")
     check_finite_weights(opts.model)
+    return config
 
 
 def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path | None = None) -> dict[str, Any]:
@@ -279,6 +297,15 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     from spinquant.run_dir import versions
 
     target = get_target(opts.target)
+    if opts.rotations not in ("learned", "hadamard"):
+        raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
+                             f"(the seeded random Hadamard, no learning)")
+    if opts.steps < 0:
+        raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
+    if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
+        opts.rotations, opts.steps = "hadamard", 0
+    hadamard = learn and opts.rotations == "hadamard"
+    learn = learn and not hadamard
     if opts.pte and not target.pte:
         raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
                              f"or an xnnpack target")
@@ -286,15 +313,15 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant)
-    nsamples = opts.nsamples or opts.steps * opts.batch_size
-    _preflight(opts, target, pte, learn, learn_cfg, nsamples)
+    nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
+    config = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
     identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}
     identity["model"] = resolve_input(opts.model)
     identity["tokenizer"] = resolve_input(opts.tokenizer)
     identity["calib_data"] = resolve_input(opts.calib_data)
-    if not learn:
+    if rotations_from is not None:
         identity["rotations_from"] = resolve_input(rotations_from)
     out = opts.resolved_out()
     inputs = {"--model": opts.model, "--tokenizer": opts.tokenizer, "--calib-data": opts.calib_data, "--eval-data": opts.eval_data,
@@ -310,7 +337,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         record_owner(out, "calibrate", identity)
         _write_json(out / CONFIG_FILE, run_opts)
     try:
-        _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from)
+        _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from, config)
     except BaseException:
         if created and not _json(out / STAGES_FILE) and not (out / "learn_state.pt").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing to resume from: leave no stub behind
@@ -319,20 +346,32 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
 
 
 def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int,
-                rotations_from: Path | None) -> None:
+                rotations_from: Path | None, config) -> None:
+    from spinquant.atomic import atomic_file
+    from spinquant.fusion import Rotations, save_rbin
     from spinquant.pipeline import export_run, learn_rotations
 
     if pte and run.done("export") and not (run.dir / "model.pte").is_file():
         _log("[spinquant] a .pte is asked for and this run has none: the export and report stages run again")
         for stage in ("export", "report"):
             run.unmark(stage)
-    if not learn:
+    if rotations_from is not None:  # requantize: the rotations another run learned
         if not run.done("learn"):
             shutil.copy(rotations_from, run.dir / "R.bin")
             run.mark("learn", 0.0)
+    elif not learn:  # --rotations hadamard / --steps 0: the random Hadamard start itself, from the config alone
+        if not run.done("learn"):
+            _log("[spinquant] stage learn ...")
+            t = time.perf_counter()
+            with atomic_file(run.dir / "R.bin") as tmp:
+                save_rbin(Rotations.random_hadamard_for(config, opts.seed), tmp)
+            run.mark("learn", time.perf_counter() - t)
+            _log(f"[spinquant] stage learn: no learning (--rotations hadamard): seeded random Hadamard R1/R2, seed {opts.seed}")
     elif run.done("learn"):
         _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
     else:
+        _log("[spinquant] stage learn ...")
+        run.start_stage()
         t = time.perf_counter()
         learned = learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
                                   tokenizer_src=opts.tokenizer, claim=False)
@@ -344,6 +383,7 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
             _log(f"[spinquant] stage {stage}: done, skipped")
             continue
         t = time.perf_counter()
+        run.start_stage()
         _log(f"[spinquant] stage {stage} ...")
         if stage == "quantize":
             _stage_quantize(run, opts, opts.model, run.dir / "R.bin")

@@ -48,6 +48,34 @@ def test_calibrate_run_directory(calibrated):
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
 
 
+def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """calibrate --rotations hadamard (= --steps 0): no learning, the seeded random Hadamard start, GPTQ, report."""
+    from transformers import AutoConfig
+
+    from spinquant.fusion import Rotations
+
+    _no_learning(monkeypatch)
+    out = tmp_path / "run"
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    expected = Rotations.random_hadamard_for(AutoConfig.from_pretrained(tiny_model_dir), 3)
+    got = load_rbin(out / "R.bin")
+    assert torch.equal(got.r1, expected.r1.float().double()) and len(got.r2) == len(expected.r2)
+    assert all(torch.equal(a, b.float().double()) for a, b in zip(got.r2, expected.r2))
+    assert not (out / "losses.json").exists() and (out / "quantized.safetensors").is_file()
+    cfg = json.loads((out / "calibrate_config.json").read_text())
+    assert cfg["rotations"] == "hadamard" and cfg["steps"] == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["evaluation"]["quantized"]["kl"] > 0 and "learn" in rep["stage_seconds"]
+    # --steps 0 is the same route: the finished run is recognised, nothing re-runs
+    before = (out / "stages.json").read_text()
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--steps", "0", "--seed", "3")
+    assert r.exit_code == 0 and (out / "stages.json").read_text() == before, r.output
+    # learning into the same run is another run: refused, named
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--seed", "3")
+    assert r.exit_code == 2 and "rotations" in r.output, r.output
+
+
 def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
 

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Llama 3.2 1B / 3B shapes end to end: time and peak memory of every `spinquant calibrate` stage.
+
+Builds the real shape from a config in code with random weights (bf16 on disk, sharded safetensors with an index
+like a user's fine-tune, llama3 RoPE, tied embeddings as Llama 3.2; linears N(0, 0.02), norms near 1) and the
+shared reference model's tokenizer (its ids are a subset of the 128256 rows), then runs `spinquant calibrate`
+as a user would, in a subprocess. While it runs, the resident memory of its whole process tree (the exporter
+included) is sampled every 0.25 s and attributed to the stage the log says is running; on CUDA the peak
+allocated memory per stage comes from the run's stages.json. Writes benchmarks/results/scale_<shape>_<device>.{md,json}
+(with --learn-step: ..._learn-step.{md,json}).
+
+    python scripts/bench_scale.py --shape llama-3.2-1b --device cpu --rotations hadamard --gptq-nsamples 16 --seqlen 512 --eval-windows 2
+    python scripts/bench_scale.py --shape llama-3.2-1b --device cpu --learn-step        # one learning step, 1 x 256 tokens
+    python scripts/bench_scale.py --shape llama-3.2-1b --device cuda --steps 100 --nsamples 800 --seqlen 2048   # the full recipe
+    python scripts/bench_scale.py --shape llama-3.2-1b --device cuda --quick           # minutes: 10 steps, 32 GPTQ windows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {  # the published Llama 3.2 configs (config.json of meta-llama/Llama-3.2-1B and -3B)
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128),
+    # a small stand-in with the same vocabulary and RoPE, to check this script in a minute
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64),
+}
+GIB = 2**30
+
+
+def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB) -> dict:
+    """Write the shape as a Hugging Face directory, one tensor at a time (memory: one shard)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-25m")
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      rope_scaling=dict(LLAMA3_ROPE), tie_word_embeddings=True, torch_dtype="bfloat16",
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (cfg.num_attention_heads * hd, h)),
+                  (p + "self_attn.k_proj.weight", (cfg.num_key_value_heads * hd, h)),
+                  (p + "self_attn.v_proj.weight", (cfg.num_key_value_heads * hd, h)),
+                  (p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * hd)),
+                  (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)), (p + "mlp.down_proj.weight", (h, f))]
+    names.append(("model.norm.weight", (h,)))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, dims in names:
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(dims, generator=gen)
+        else:
+            t = 0.02 * torch.randn(dims, generator=gen)
+        t = t.to(torch.bfloat16)
+        nbytes = t.numel() * 2
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * 2
+        shard.clear()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    params = sum(int(torch.Size(d).numel()) for _, d in names)
+    return {"parameters": params, "bytes_on_disk": total, "shards": len(shards)}
+
+
+class TreeMemory:
+    """Peak resident memory (GiB) of a process and all its children, per labelled phase, sampled every 0.25 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.phase = "start"
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rss(self) -> int:
+        total = 0
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            gib = self._rss() / GIB
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), gib)
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_monitored(cmd: list[str], log: Path) -> tuple[int, dict[str, float], float]:
+    """Run ``cmd``; stage markers in its stderr ("[spinquant] stage NAME") switch the memory phase."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        mem = TreeMemory(proc.pid)
+        mem.phase = "preflight"  # checks and model load before the first stage line
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            m = re.search(r"\[spinquant\] stage (\w+)", line)
+            if m:
+                mem.phase = m.group(1)
+            print(line, end="", flush=True)
+        code = proc.wait()
+        mem.stop()
+    return code, mem.peaks, time.perf_counter() - t
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.total_memory / GIB:.0f} GiB), {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / GIB:.0f} GiB RAM, "
+            f"torch {torch.__version__}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rotations", choices=["learned", "hadamard"], default=None,
+                    help="[default: hadamard on cpu, learned on cuda]")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--gptq-nsamples", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=2)
+    ap.add_argument("--no-pte", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="10 steps x 8 windows, 32 GPTQ windows, seqlen 2048")
+    ap.add_argument("--learn-step", action="store_true", help="only one learning step (micro-batch 1 x 256 tokens)")
+    ap.add_argument("--work", default=None, help="working folder (kept) [default: a temp folder, removed]")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.nsamples, args.gptq_nsamples = 10, 80, 32
+    rotations = args.rotations or ("learned" if args.device.startswith("cuda") else "hadamard")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="spinquant-scale-"))
+    data = SHARED / "data" / "wikitext-2-raw"
+    try:
+        model = work / f"{args.shape}-random"
+        t = time.perf_counter()
+        built = build_model(args.shape, model) if not model.exists() else {"reused": str(model)}
+        built["seconds"] = time.perf_counter() - t
+        print(f"model: {built}", flush=True)
+        run = work / "run"
+        if args.learn_step:
+            cmd = [sys.executable, "-m", "spinquant", "learn-rotations", "--model", str(model), "--out", str(run), "--calib-data",
+                   str(data / "wiki.valid.raw"), "--steps", "1", "--batch-size", "1", "--seqlen", "256", "--device", args.device]
+        else:
+            cmd = [sys.executable, "-m", "spinquant", "calibrate", "--model", str(model), "--out", str(run),
+                   "--calib-data", str(data / "wiki.valid.raw"), "--eval-data", str(data / "wiki.test.raw"),
+                   "--rotations", rotations, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--micro-batch", str(args.micro_batch), "--seqlen", str(args.seqlen), "--gptq-nsamples", str(args.gptq_nsamples),
+                   "--eval-windows", str(args.eval_windows), "--device", args.device]
+            if args.nsamples:
+                cmd += ["--nsamples", str(args.nsamples)]
+            if args.no_pte:
+                cmd.append("--no-pte")
+        code, peaks, wall = run_monitored(cmd, work / "log.txt")
+        stages = json.loads((run / "stages.json").read_text()) if (run / "stages.json").is_file() else {}
+        report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
+        learned = json.loads((run / "losses.json").read_text()) if (run / "losses.json").is_file() else {}
+        tail = (work / "log.txt").read_text().strip().splitlines()[-3:]
+        result = {"shape": args.shape, "device": args.device, "machine": machine(args.device), "model": built,
+                  "command": " ".join(sys.argv), "spinquant_command": " ".join(cmd[1:]), "exit": code, "wall_seconds": wall,
+                  "stages": {k: {"seconds": v.get("seconds"), "peak_rss_gib": peaks.get(k),
+                                 "peak_cuda_gib": v.get("peak_cuda_gib")} for k, v in stages.items()},
+                  "peak_rss_gib": peaks, "sizes": report.get("sizes"), "evaluation": report.get("evaluation"),
+                  "verification": (report.get("export") or {}).get("verification"), "learning": learned or None,
+                  "log_tail": tail}
+        write_results(result, args)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_results(r: dict, args) -> None:
+    name = f"scale_{args.shape}_{args.device.split(':')[0]}" + ("_learn-step" if args.learn_step else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=2))
+    lines = [f"# {args.shape} on {args.device}: `spinquant {'learn-rotations' if args.learn_step else 'calibrate'}` per stage", "",
+             f"Machine: {r['machine']}. Command: `python scripts/bench_scale.py {' '.join(sys.argv[1:])}` "
+             f"(runs `{r['spinquant_command']}`). Exit status {r['exit']}, wall time {r['wall_seconds']:.0f} s "
+             f"(model build {r['model'].get('seconds', 0):.0f} s before it: {r['model']}).", "",
+             "| stage | seconds | peak RSS of the process tree (GiB) | peak CUDA allocated (GiB) |", "|---|---:|---:|---:|"]
+    for phase, gib in r["peak_rss_gib"].items():
+        st = r["stages"].get(phase, {})
+        sec = st.get("seconds")
+        cuda = st.get("peak_cuda_gib")
+        lines.append(f"| {phase}{'' if phase in r['stages'] else ' (not finished)'} | {'' if sec is None else f'{sec:.0f}'} | "
+                     f"{gib:.2f} | {'' if cuda is None else f'{cuda:.2f}'} |")
+    if r.get("sizes"):
+        lines += ["", "Sizes (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["sizes"].items())]
+    ev = r.get("evaluation") or {}
+    if ev.get("quantized"):
+        lines += ["", f"Evaluation ({ev['windows']} x {ev['seqlen']} tokens; random weights, so only a sanity check): "
+                      f"KL {ev['quantized']['kl']:.4f}, top-1 {100 * ev['quantized']['top1']:.1f}%"]
+    v = r.get("verification")
+    if v:
+        lines += ["", f".pte verified: KL(ours||pte) {v['kl_ours_to_pte']:.2e} (bound {v.get('kl_bound', float('nan')):.2e}), "
+                      f"top-1 agreement {100 * v['top1_agreement']:.2f}%"]
+    if r.get("learning"):
+        lines += ["", f"Learning: {json.dumps({k: v for k, v in r['learning'].items() if k in ('steps_per_s', 'tokens_per_s', 'seconds')})}"]
+    if args.learn_step and r["exit"] == 0:
+        # projection to Meta's batch on a GPU: the weights (float32) stay, the activation part grows with the tokens of
+        # one micro-batch (1 x 256 here -> 1 x 2048 there; the learning loop accumulates micro-batches, so the batch of 8
+        # adds no memory); attention through SDPA is linear in the sequence length
+        weights = r["model"].get("parameters", 0) * 4 / GIB if "parameters" in r["model"] else None
+        peak = max(r["peak_rss_gib"].values())
+        if weights:
+            act = max(peak - weights, 0.0)
+            lines += ["", f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: float32 weights {weights:.1f} GiB + "
+                          f"activations {act:.1f} GiB x 8 = {weights + 8 * act:.1f} GiB (an upper bound: the CPU peak "
+                          f"here includes the Python process, the tokenizer and the calibration text)."]
+    if r["exit"] != 0:
+        lines += ["", "Did not finish; last lines of the log:", "", *[f"    {x}" for x in r["log_tail"]]]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
