@@ -64,6 +64,28 @@ def test_clip_search_never_worse_than_no_clip():
     assert (err(searched) <= err(plain) + 1e-6).all() and err(searched).sum() < 0.9 * err(plain).sum()
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_chunked_clip_search_equals_the_whole_matrix_formula(bits, group):
+    """The cache-sized chunks (here a few groups each, with a ragged last chunk) choose exactly the scales of the
+    plain formula: for every ratio, sum |clamp(round(w / s)) s - w|^2.4 over the group, keep the smallest."""
+    from spinquant.quant.primitives import _grouped, qrange, weight_absmax
+
+    torch.manual_seed(1)
+    w = torch.randn(37, 96) * 0.02
+    w[3, 5] = 0.4  # an outlier, so that clipping pays for some groups
+    qmin, qmax = qrange(bits)
+    wg = _grouped(w, group)
+    absmax = weight_absmax(w, group).clamp_min(torch.finfo(torch.float32).tiny)
+    best_err, expected = torch.full_like(absmax, float("inf")), absmax / qmax
+    for i in range(51):
+        s = (1.0 - 0.5 * i / 50) * absmax / qmax
+        err = (torch.clamp(torch.round(wg * (1.0 / s[..., None])), qmin, qmax) * s[..., None] - wg).abs().pow(2.4).sum(-1)
+        expected = torch.where(err < best_err, s, expected)
+        best_err = torch.minimum(err, best_err)
+    got = search_scales(w, bits, group, chunk_elements=5 * wg.shape[-1])
+    assert torch.equal(got, expected) and (got < absmax / qmax).any()
+
+
 def test_straight_through_gradients_reach_the_scales():
     """STE on round (gradient 1 for every element) plus the scale path at each token's min and max element:
     d/d hi = -d/d lo = sum_j g_j r_j / 15 with r_j = round(x_j/s) - x_j/s (zero point detached)."""
