@@ -103,6 +103,13 @@ def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB) -> dict:
     return {"parameters": params, "bytes_on_disk": total, "shards": len(shards)}
 
 
+def describe_model(model: Path) -> dict:
+    """The same facts as :func:`build_model` for a model directory built earlier (``--work`` reuses it)."""
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    total = index["metadata"]["total_size"]
+    return {"reused": str(model), "parameters": total // 2, "bytes_on_disk": total, "shards": len(set(index["weight_map"].values()))}
+
+
 class TreeMemory:
     """Peak resident memory (GiB) of a process and all its children, per labelled phase, sampled every 0.25 s."""
 
@@ -192,7 +199,7 @@ def main() -> None:
     try:
         model = work / f"{args.shape}-random"
         t = time.perf_counter()
-        built = build_model(args.shape, model) if not model.exists() else {"reused": str(model)}
+        built = build_model(args.shape, model) if not model.exists() else describe_model(model)
         built["seconds"] = time.perf_counter() - t
         print(f"model: {built}", flush=True)
         run = work / "run"
@@ -236,12 +243,14 @@ def write_results(r: dict, args) -> None:
              f"(runs `{r['spinquant_command']}`). Exit status {r['exit']}, wall time {r['wall_seconds']:.0f} s "
              f"(model build {r['model'].get('seconds', 0):.0f} s before it: {r['model']}).", "",
              "| stage | seconds | peak RSS of the process tree (GiB) | peak CUDA allocated (GiB) |", "|---|---:|---:|---:|"]
-    for phase, gib in r["peak_rss_gib"].items():
+    for phase in dict.fromkeys([*r["peak_rss_gib"], *r["stages"]]):
+        gib = r["peak_rss_gib"].get(phase)
         st = r["stages"].get(phase, {})
-        sec = st.get("seconds")
-        cuda = st.get("peak_cuda_gib")
-        lines.append(f"| {phase}{'' if phase in r['stages'] else ' (not finished)'} | {'' if sec is None else f'{sec:.0f}'} | "
-                     f"{gib:.2f} | {'' if cuda is None else f'{cuda:.2f}'} |")
+        sec, cuda = st.get("seconds"), st.get("peak_cuda_gib")
+        label = ("checks + model load before the first stage" if phase == "preflight"
+                 else phase if phase in r["stages"] or args.learn_step else f"{phase} (not finished)")
+        lines.append(f"| {label} | {'' if sec is None else f'{sec:.0f}'} | {'' if gib is None else f'{gib:.2f}'} | "
+                     f"{'' if cuda is None else f'{cuda:.2f}'} |")
     if r.get("sizes"):
         lines += ["", "Sizes (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["sizes"].items())]
     ev = r.get("evaluation") or {}

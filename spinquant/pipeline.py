@@ -232,6 +232,10 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         save_run(model, tmp, config, tokenizer)
         if rot is not None:
             save_rbin(rot, tmp / "R.bin")
+        del model  # the reload below is the only model in memory while it is checked (one at a time: 1B/3B sizes)
+        import gc
+
+        gc.collect()
         with torch.no_grad():
             got = load_run(tmp)(ids).logits
         if not torch.equal(got, expected):
