@@ -247,7 +247,7 @@ def write_results(r: dict, args) -> None:
         gib = r["peak_rss_gib"].get(phase)
         st = r["stages"].get(phase, {})
         sec, cuda = st.get("seconds"), st.get("peak_cuda_gib")
-        label = ("checks + model load before the first stage" if phase == "preflight"
+        label = ("checks + model load (+ learning, which prints no start line) before the next stage" if phase == "preflight"
                  else phase if phase in r["stages"] or args.learn_step else f"{phase} (not finished)")
         lines.append(f"| {label} | {'' if sec is None else f'{sec:.0f}'} | {'' if gib is None else f'{gib:.2f}'} | "
                      f"{'' if cuda is None else f'{cuda:.2f}'} |")

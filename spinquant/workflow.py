@@ -369,8 +369,7 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
             _log(f"[spinquant] stage learn: no learning (--rotations hadamard): seeded random Hadamard R1/R2, seed {opts.seed}")
     elif run.done("learn"):
         _log(f"[spinquant] stage learn: done, skipped ({run.dir / 'R.bin'})")
-    else:
-        _log("[spinquant] stage learn ...")
+    else:  # no "stage learn ..." line here: a refused learning state must stay the one line the user sees
         run.start_stage()
         t = time.perf_counter()
         learned = learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
