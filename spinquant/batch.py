@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import fields
@@ -237,7 +238,7 @@ class Progress:
 
     def __init__(self, jobs: list[dict[str, Any]], echo: Callable[[str], None] | None = None) -> None:
         self.jobs = jobs
-        self._echo = echo or (lambda line: print(line, file=__import__("sys").stderr, flush=True))
+        self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self._lock = threading.Lock()
 
     def say(self, i: int, state: str) -> None:
@@ -292,11 +293,12 @@ def run_in_processes(jobs: list[dict[str, Any]], pending: list[int], rows: list,
             try:
                 rows[i] = receive.recv()
             except EOFError:  # died without a word
-                proc.join()
+                rows[i] = None
+            proc.join()
+            if rows[i] is None:
                 how = f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else f"exit status {proc.exitcode}"
                 rows[i] = job_row(jobs[i], "failed", f"the job's process died ({how}): re-run the batch to resume it",
                                   time.perf_counter() - t, node)
-            proc.join()
             progress.result(i, rows[i])
         finally:
             free.put(slot)

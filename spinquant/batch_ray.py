@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spinquant.batch import Progress, execute_job, job_row
+from spinquant.batch import Progress, error_line, execute_job, job_row
 from spinquant.errors import SpinQuantError
 
 # environment a worker needs to behave like this machine (hub access/offline mode, our cache)
@@ -56,8 +56,7 @@ def check_ray(address: str, timeout_s: float = 5.0) -> None:
 def connect(address: str):
     """Start a local Ray instance (``local``) or join an existing cluster (``auto``, ``host:port``,
     ``ray://host:port``); returns the ray module."""
-    ray = _import_ray()
-    check_ray(address)
+    ray = _import_ray()  # check_ray(address) ran before any job line (run_batch)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ retry warnings are not our users' output
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": {"env_vars": env}}
@@ -103,7 +102,7 @@ def _job_task(job: dict[str, Any], index: int, events, use_gpu: bool, n_cpus: in
         job = {**job, "device": "cpu"}
         torch.set_num_threads(n_cpus)
         where = f"{node}, {n_cpus} CPU" + ("s" if n_cpus > 1 else "")
-    events.put((index, where, os.getpid()))
+    events.put((index, node, where, os.getpid()))
     log = Path(f"{job['out']}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stderr(f):
@@ -124,7 +123,7 @@ def _crash_reason(ray, exc: BaseException) -> str:
     elif isinstance(exc, getattr(ex, "NodeDiedError", ())):
         what = "its node died"
     else:
-        what = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        what = error_line(exc)
     return f"{what}; re-run the batch to resume it from its last finished stage"
 
 
@@ -160,10 +159,10 @@ def run_on_ray(jobs: list[dict[str, Any]], pending: list[int], rows: list, progr
         def drain() -> None:
             while True:
                 try:
-                    i, where, pid = events.get_nowait()
+                    i, node, where, pid = events.get_nowait()
                 except Empty:
                     return
-                started[i] = (where.split(",")[0].split(" GPU")[0], time.perf_counter())
+                started[i] = (node, time.perf_counter())
                 progress.say(i, f"running on {where}, pid {pid}")
 
         try:

@@ -304,8 +304,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
         opts.rotations, opts.steps = "hadamard", 0
-    hadamard = learn and opts.rotations == "hadamard"
-    learn = learn and not hadamard
+    learn = learn and opts.rotations == "learned"
     if opts.pte and not target.pte:
         raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
                              f"or an xnnpack target")
