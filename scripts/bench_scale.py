@@ -52,15 +52,17 @@ SHAPES = {  # the published Llama 3.2 configs (config.json of meta-llama/Llama-3
 GIB = 2**30
 
 
-def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB) -> dict:
-    """Write the shape as a Hugging Face directory, one tensor at a time (memory: one shard)."""
+def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB, layers: int | None = None) -> dict:
+    """Write the shape as a Hugging Face directory, one tensor at a time (memory: one shard); ``layers`` overrides
+    the depth (a quick check of the vocabulary- and width-bound stages)."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-25m")
     cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
                       rope_scaling=dict(LLAMA3_ROPE), tie_word_embeddings=True, torch_dtype="bfloat16",
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -100,14 +102,21 @@ def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB) -> dict:
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
     params = sum(int(torch.Size(d).numel()) for _, d in names)
-    return {"parameters": params, "bytes_on_disk": total, "shards": len(shards)}
+    return {"parameters": params, "bytes_on_disk": total, "shards": len(shards), "config": shape_facts(out)}
+
+
+def shape_facts(model: Path) -> dict:
+    """The config values the learning-memory projection needs."""
+    cfg = json.loads((model / "config.json").read_text())
+    return {k: cfg.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")}
 
 
 def describe_model(model: Path) -> dict:
     """The same facts as :func:`build_model` for a model directory built earlier (``--work`` reuses it)."""
     index = json.loads((model / "model.safetensors.index.json").read_text())
     total = index["metadata"]["total_size"]
-    return {"reused": str(model), "parameters": total // 2, "bytes_on_disk": total, "shards": len(set(index["weight_map"].values()))}
+    return {"reused": str(model), "parameters": total // 2, "bytes_on_disk": total, "shards": len(set(index["weight_map"].values())),
+            "config": shape_facts(model)}
 
 
 class TreeMemory:
@@ -157,8 +166,8 @@ def run_monitored(cmd: list[str], log: Path) -> tuple[int, dict[str, float], flo
             f.write(line)
             f.flush()
             m = re.search(r"\[spinquant\] stage (\w+)", line)
-            if m:
-                mem.phase = m.group(1)
+            if m:  # a stage a resumed run skips keeps no peak of its own (its numbers are the earlier run's)
+                mem.phase = "skipped stages" if "done, skipped" in line else m.group(1)
             print(line, end="", flush=True)
         code = proc.wait()
         mem.stop()
@@ -189,7 +198,11 @@ def main() -> None:
     ap.add_argument("--no-pte", action="store_true")
     ap.add_argument("--quick", action="store_true", help="10 steps x 8 windows, 32 GPTQ windows, seqlen 2048")
     ap.add_argument("--learn-step", action="store_true", help="only one learning step (micro-batch 1 x 256 tokens)")
+    ap.add_argument("--quantize-rtn", action="store_true",
+                    help="only `spinquant quantize --method rtn` (load, rotate, quantize, checkpoint, reload check): the "
+                         "memory of the whole-model stages at full depth without GPTQ's hours on a CPU")
     ap.add_argument("--work", default=None, help="working folder (kept) [default: a temp folder, removed]")
+    ap.add_argument("--layers", type=int, default=None, help="override the depth (a quick check; results named _<N>L)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.nsamples, args.gptq_nsamples = 10, 80, 32
@@ -197,13 +210,16 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="spinquant-scale-"))
     data = SHARED / "data" / "wikitext-2-raw"
     try:
-        model = work / f"{args.shape}-random"
+        model = work / f"{args.shape}{f'-{args.layers}L' if args.layers else ''}-random"
         t = time.perf_counter()
-        built = build_model(args.shape, model) if not model.exists() else describe_model(model)
+        built = build_model(args.shape, model, layers=args.layers) if not model.exists() else describe_model(model)
         built["seconds"] = time.perf_counter() - t
         print(f"model: {built}", flush=True)
-        run = work / "run"
-        if args.learn_step:
+        run = work / f"run-{model.name}" / mode_name(args)
+        if args.quantize_rtn:
+            cmd = [sys.executable, "-m", "spinquant", "quantize", "--model", str(model), "--out", str(run), "--rotations",
+                   "hadamard", "--method", "rtn", "--device", args.device]
+        elif args.learn_step:
             cmd = [sys.executable, "-m", "spinquant", "learn-rotations", "--model", str(model), "--out", str(run), "--calib-data",
                    str(data / "wiki.valid.raw"), "--steps", "1", "--batch-size", "1", "--seqlen", "256", "--device", args.device]
         else:
@@ -220,6 +236,7 @@ def main() -> None:
         stages = json.loads((run / "stages.json").read_text()) if (run / "stages.json").is_file() else {}
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
         learned = json.loads((run / "losses.json").read_text()) if (run / "losses.json").is_file() else {}
+        qc = json.loads((run / "quant_config.json").read_text()) if (run / "quant_config.json").is_file() else {}
         tail = (work / "log.txt").read_text().strip().splitlines()[-3:]
         result = {"shape": args.shape, "device": args.device, "machine": machine(args.device), "model": built,
                   "command": " ".join(sys.argv), "spinquant_command": " ".join(cmd[1:]), "exit": code, "wall_seconds": wall,
@@ -227,18 +244,51 @@ def main() -> None:
                                  "peak_cuda_gib": v.get("peak_cuda_gib")} for k, v in stages.items()},
                   "peak_rss_gib": peaks, "sizes": report.get("sizes"), "evaluation": report.get("evaluation"),
                   "verification": (report.get("export") or {}).get("verification"), "learning": learned or None,
-                  "log_tail": tail}
+                  "quantize_times_s": qc.get("times_s"), "log_tail": tail}
         write_results(result, args)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def learn_projection(r: dict) -> str:
+    """GPU memory at Meta's batch (8 x 2048, micro-batch 1 x 2048) from the CPU step at 1 x 256.
+
+    What does not grow with the tokens: the frozen float32 weights (the model's parameters with the embedding
+    untied), and per step one rotated copy of every linear plus its gradient (rotation.py: the rotated weights are
+    leaves whose gradients accumulate over the micro-batches), so 3 x the linear weights in all. What grows: the
+    activations of one micro-batch (the batch of 8 is accumulated micro-batch by micro-batch, so it adds nothing),
+    linear in the tokens with SDPA attention and per-layer checkpointing. The CPU peak minus the fixed part is taken
+    as the activations of 256 tokens, x 8 for 2048: an upper bound (the Python process, tokenizer and calibration
+    text are counted as activations; bf16 autocast on a GPU halves most activations).
+    """
+    cfg = r["model"].get("config") or {}
+    params = r["model"]["parameters"]
+    vocab_dim = cfg.get("vocab_size", 128256) * cfg.get("hidden_size", 0)
+    tied = cfg.get("tie_word_embeddings", True)
+    untied = params + (vocab_dim if tied else 0)
+    linear = untied - vocab_dim  # every linear incl. lm_head: all but the embedding
+    fixed = (untied + 2 * linear) * 4 / GIB
+    peak = max(r["peak_rss_gib"].values())
+    act = max(peak - fixed, 0.0)
+    return (f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: fixed {fixed:.1f} GiB (float32 weights "
+            f"{untied * 4 / GIB:.1f} GiB + rotated linears and their gradients {2 * linear * 4 / GIB:.1f} GiB) + activations "
+            f"{act:.1f} GiB at 256 tokens x 8 = {fixed + 8 * act:.1f} GiB (an upper bound; see learn_projection in "
+            f"scripts/bench_scale.py for what is counted).")
+
+
+def mode_name(args) -> str:
+    return "quantize-rtn" if args.quantize_rtn else "learn-step" if args.learn_step else "calibrate"
+
+
 def write_results(r: dict, args) -> None:
-    name = f"scale_{args.shape}_{args.device.split(':')[0]}" + ("_learn-step" if args.learn_step else "")
+    mode = mode_name(args)
+    name = (f"scale_{args.shape}_{args.device.split(':')[0]}" + (f"_{args.layers}L" if args.layers else "")
+            + ("" if mode == "calibrate" else f"_{mode}"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=2))
-    lines = [f"# {args.shape} on {args.device}: `spinquant {'learn-rotations' if args.learn_step else 'calibrate'}` per stage", "",
+    depth = f" ({args.layers} layers)" if args.layers else ""
+    lines = [f"# {args.shape}{depth} on {args.device}: `spinquant {r['spinquant_command'].split()[2]}` per stage", "",
              f"Machine: {r['machine']}. Command: `python scripts/bench_scale.py {' '.join(sys.argv[1:])}` "
              f"(runs `{r['spinquant_command']}`). Exit status {r['exit']}, wall time {r['wall_seconds']:.0f} s "
              f"(model build {r['model'].get('seconds', 0):.0f} s before it: {r['model']}).", "",
@@ -247,10 +297,13 @@ def write_results(r: dict, args) -> None:
         gib = r["peak_rss_gib"].get(phase)
         st = r["stages"].get(phase, {})
         sec, cuda = st.get("seconds"), st.get("peak_cuda_gib")
-        label = ("checks + model load (+ learning, which prints no start line) before the next stage" if phase == "preflight"
+        label = ("the whole command: load, rotate, RTN, checkpoint, reload check" if args.quantize_rtn and phase == "preflight"
+                 else "checks + model load (+ learning, which prints no start line) before the next stage" if phase == "preflight"
                  else phase if phase in r["stages"] or args.learn_step else f"{phase} (not finished)")
         lines.append(f"| {label} | {'' if sec is None else f'{sec:.0f}'} | {'' if gib is None else f'{gib:.2f}'} | "
                      f"{'' if cuda is None else f'{cuda:.2f}'} |")
+    if args.quantize_rtn and r.get("quantize_times_s"):
+        lines += ["", "Inside it (quant_config.json times_s): " + ", ".join(f"{k} {v:.0f} s" for k, v in r["quantize_times_s"].items())]
     if r.get("sizes"):
         lines += ["", "Sizes (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["sizes"].items())]
     ev = r.get("evaluation") or {}
@@ -263,17 +316,8 @@ def write_results(r: dict, args) -> None:
                       f"top-1 agreement {100 * v['top1_agreement']:.2f}%"]
     if r.get("learning"):
         lines += ["", f"Learning: {json.dumps({k: v for k, v in r['learning'].items() if k in ('steps_per_s', 'tokens_per_s', 'seconds')})}"]
-    if args.learn_step and r["exit"] == 0:
-        # projection to Meta's batch on a GPU: the weights (float32) stay, the activation part grows with the tokens of
-        # one micro-batch (1 x 256 here -> 1 x 2048 there; the learning loop accumulates micro-batches, so the batch of 8
-        # adds no memory); attention through SDPA is linear in the sequence length
-        weights = r["model"].get("parameters", 0) * 4 / GIB if "parameters" in r["model"] else None
-        peak = max(r["peak_rss_gib"].values())
-        if weights:
-            act = max(peak - weights, 0.0)
-            lines += ["", f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: float32 weights {weights:.1f} GiB + "
-                          f"activations {act:.1f} GiB x 8 = {weights + 8 * act:.1f} GiB (an upper bound: the CPU peak "
-                          f"here includes the Python process, the tokenizer and the calibration text)."]
+    if args.learn_step and r["exit"] == 0 and "parameters" in r["model"]:
+        lines += ["", learn_projection(r)]
     if r["exit"] != 0:
         lines += ["", "Did not finish; last lines of the log:", "", *[f"    {x}" for x in r["log_tail"]]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

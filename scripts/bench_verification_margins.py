@@ -83,7 +83,7 @@ def variant_checkpoint(name: str, ours, other, scheme: QuantScheme) -> tuple[dic
             w = dequantize_weight(sd[f"{key}.weight"], sd[f"{key}.scales"], 32)
             requantized(sd, key, w, 64)
     elif name == "float-output":
-        sd["output.weight"] = ours.lm_head.weight.detach().float().clone()  # its float weights before int8
+        sd["output.weight"] = ours.lm_head.effective_weight().float().clone()  # its int8 weights, dequantized
         del sd["output.scales"], sd["output.zeros"]
         mode = "8da4w"
     return sd, params, mode

@@ -12,6 +12,7 @@ from spinquant.errors import SpinQuantError
 from spinquant.evaluate import (EvalResult, cached_logits_fn, check_seqlen, evaluate, evaluation_ids, evaluation_windows,
                                 hf_logits_fn)
 from spinquant.fusion import Rotations, fuse_and_rotate, has_online_r4, save_rbin
+from spinquant.memory import release_memory
 from spinquant.models import describe_source, load_model, load_tokenizer, save_hf
 
 
@@ -233,9 +234,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         if rot is not None:
             save_rbin(rot, tmp / "R.bin")
         del model  # the reload below is the only model in memory while it is checked (one at a time: 1B/3B sizes)
-        import gc
-
-        gc.collect()
+        release_memory()
         with torch.no_grad():
             got = load_run(tmp)(ids).logits
         if not torch.equal(got, expected):
@@ -293,8 +292,6 @@ def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
 def quantization_kl(run: Path, ours, windows: torch.Tensor) -> float | None:
     """KL(float || ours) nats/token on ``windows``: the float model the run was quantized from (its
     quant_config's source_model), or None when it cannot be loaded here (moved, or a hub id offline)."""
-    import gc
-
     from spinquant.evaluate import hf_logits_fn
     from spinquant.run_dir import read_quant_config
 
@@ -305,7 +302,7 @@ def quantization_kl(run: Path, ours, windows: torch.Tensor) -> float | None:
         return None
     kl = compare_logits(hf_logits_fn(float_model), ours, windows)["kl_ours_to_pte"]
     del float_model
-    gc.collect()
+    release_memory()
     return kl
 
 
@@ -381,19 +378,21 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
         if not make_pte:
             result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
         else:
-            cfg = model.config
+            cfg, spin = model.config, has_online_r4(model)
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
-            result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, has_online_r4(model),
-                                                cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log")
             seqlen = min(verify_seqlen, max_seq_len - 1)
             windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
+            # our logits first, then our model is freed: executorch's exporter (a child process) and later the float
+            # model each run with no other model in memory (one at a time: 1B/3B sizes)
             ours = cached_logits_fn(hf_logits_fn(model))
-            metrics = compare_logits(ours, PteModel(stage / "model.pte"), windows)
-            ours.release()  # our logits are cached: free our model before the float model loads (one at a time)
+            for w in windows:
+                ours(w[None])
+            ours.release()
             del model
-            import gc
-
-            gc.collect()
+            release_memory()
+            result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, spin,
+                                                cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log")
+            metrics = compare_logits(ours, PteModel(stage / "model.pte"), windows)
             metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
             kl_quant = quantization_kl(run, ours, windows)
             metrics["kl_float_to_ours"] = kl_quant

@@ -39,6 +39,7 @@ import geoopt
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
@@ -52,6 +53,7 @@ from spinquant.quant.scheme import FLOAT, QuantScheme
 from spinquant.rotation_gptq import collect_hessians, gptq_integers
 
 STATE_FILE = "learn_state.pt"
+LOSS_CHUNK_POSITIONS = 256  # positions whose full-vocabulary logits exist at once while the loss is computed
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # W R1
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # R1ᵀ W
 
@@ -212,18 +214,46 @@ class RotationLearner:
         return self.windows[idx]
 
     def _micro_loss(self, r1_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``ids`` with the linears' current weight overrides."""
+        """Mean loss over the next-token positions of ``ids`` (micro, T) with the linears' current weight overrides:
+        cross-entropy, or KL(teacher || model) with ``loss="kl"``.
+
+        The output layer and the loss run LOSS_CHUNK_POSITIONS positions at a time under activation checkpointing,
+        so full-vocabulary logits are never held whole (at vocab 128256 and 2048 positions one float32 copy is
+        1 GiB, and the softmax and its gradient take several).
+        """
         emb = F.embedding(ids, self.embedding) @ r1_emb
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = self.model(inputs_embeds=emb, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        if self.cfg.loss == "kl":
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                target = F.log_softmax(self.teacher(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-            logp = F.log_softmax(logits, dim=-1)
-            return (target.exp() * (target - logp)).sum(-1).mean()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            hidden = self.model.model(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
+            teacher_hidden = None
+            if self.cfg.loss == "kl":
+                with torch.no_grad():
+                    teacher_hidden = self.teacher.model(ids, use_cache=False).last_hidden_state[:, :-1]
+        targets = ids[:, 1:]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for a in range(0, hidden.shape[1], LOSS_CHUNK_POSITIONS):
+            part = slice(a, a + LOSS_CHUNK_POSITIONS)
+            if teacher_hidden is not None:
+                total = total + checkpoint(self._chunk_kl, hidden[:, part], teacher_hidden[:, part], use_reentrant=False)
+            else:
+                total = total + checkpoint(self._chunk_ce, hidden[:, part], targets[:, part], use_reentrant=False)
+        return total / targets.numel()
+
+    def _chunk_logits(self, head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return head(h).float()
+
+    def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of one chunk of positions: h (micro, t, dim), targets (micro, t)."""
+        logits = self._chunk_logits(self.model.lm_head, h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+    def _chunk_kl(self, h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+        """Summed KL(teacher || model) of one chunk of positions (hidden states (micro, t, dim) of both)."""
+        with torch.no_grad():
+            target = F.log_softmax(self._chunk_logits(self.teacher.lm_head, teacher_h), dim=-1)
+        logp = F.log_softmax(self._chunk_logits(self.model.lm_head, h), dim=-1)
+        return (target.exp() * (target - logp)).sum()
 
     def accumulate_gradients(self, batch: torch.Tensor) -> float:
         """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""

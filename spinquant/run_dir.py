@@ -97,10 +97,11 @@ def load_run(run: str | Path) -> LlamaForCausalLM:
         model = LlamaForCausalLM(config)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     float_state = {k: v for k, v in state.items() if k.endswith(".weight")}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for name in [k for k in shapes if k not in float_state]:  # quantized ones: placeholder, set below
-        float_state[name] = torch.zeros(shapes[name], dtype=torch.float32)
+    # quantized tensors stay on the meta device (no float32 placeholder of the whole model): set_quantized and
+    # set_embedding_quantized below replace them by their integers and scales; one left on meta is an error
     model.load_state_dict(float_state, strict=False, assign=True)
+    if model.lm_head.weight is model.model.embed_tokens.weight:  # untie without copying a meta tensor
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
     untie_embeddings(model).eval()
     restore_online_rotations(model)
     scheme = QuantScheme.from_dict(qc["scheme"])
@@ -116,4 +117,8 @@ def load_run(run: str | Path) -> LlamaForCausalLM:
             mod.set_quantized(state[key], state[f"{name}.scales"])
         else:
             set_embedding_quantized(model, state[key], state[f"{name}.scales"])
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise SpinQuantError(f"{run / WEIGHTS} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: "
+                             f"the run is incomplete or corrupt (re-run spinquant quantize)")
     return model

@@ -190,6 +190,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
 
     from spinquant.evaluate import evaluate, evaluation_ids, evaluation_windows, hf_logits_fn, cached_logits_fn
     from spinquant.fusion import fuse_and_rotate, load_rbin
+    from spinquant.memory import release_memory
     from spinquant.models import load_model
     from spinquant.pipeline import try_load_tokenizer
     from spinquant.report import plot_residual_stats, residual_stats, write_report
@@ -231,6 +232,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     if windows is not None:
         ref.release()  # every window is cached: the float model can go
     del float_model
+    release_memory()
     if ev is not None:
         if target.scheme is not None:
             ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()

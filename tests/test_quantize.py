@@ -185,3 +185,49 @@ def test_float_output_mode_equals_executorch_eager(tiny_model, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert rel_diff(et(ids), model(ids).logits) < 1e-5
+
+
+def test_fixed_layers_hold_integers_only_and_forward_is_unchanged(tiny_model):
+    """A fixed QuantLinear keeps int8 + scales, no float32 copy (1B/3B memory); its forward is q * s exactly."""
+    model = quantize_model(untie_embeddings(copy.deepcopy(tiny_model)), META_8DA4W, WeightQuantConfig(method="rtn"))
+    x = torch.randn(2, 5, tiny_model.config.hidden_size)
+    for name, lin in quant_linears(model):
+        assert lin.weight is None and lin.qweight.dtype == torch.int8, name
+        assert f"{name}.weight" not in dict(model.named_parameters())
+    lin = model.model.layers[0].self_attn.q_proj
+    expected = torch.nn.functional.linear(lin.quantize_input(x), dequantize_weight(lin.qweight, lin.scales, 32))
+    assert torch.equal(lin(x), expected)
+    linear_params = sum(m.in_features * m.out_features for _, m in quant_linears(model))
+    held = sum(t.numel() * t.element_size() for _, m in quant_linears(model) for t in (m.qweight, m.scales))
+    assert held < 1.2 * linear_params  # int8 + group scales, not 4 bytes a weight
+
+
+def test_gptq_in_row_chunks_equals_whole(tiny_model, monkeypatch):
+    """GPTQ/RTN over row chunks (bounded memory for a 128256-row output layer) gives the integers of one pass."""
+    import spinquant.quant.apply as apply
+
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk in (1 << 25, 3 * tiny_model.config.hidden_size + 5):  # whole matrices; pieces cutting across q/k/v
+        monkeypatch.setattr(apply, "GPTQ_CHUNK_ELEMENTS", chunk)
+        cfg = WeightQuantConfig(method="gptq")
+        m = quantize_model(untie_embeddings(copy.deepcopy(tiny_model)), META_8DA4W, cfg, windows, progress=False)
+        results.append(({n: (lin.qweight, lin.scales) for n, lin in quant_linears(m)}, m.model.embed_tokens.qweight, cfg.stats))
+    (whole, emb_whole, stats_whole), (chunked, emb_chunked, stats_chunked) = results
+    assert torch.equal(emb_whole, emb_chunked)
+    for name, (q, s) in whole.items():
+        assert (chunked[name][0] == q).float().mean() > 0.999, name
+        assert torch.allclose(chunked[name][1], s, rtol=1e-5), name
+    errs = stats_whole["output_error"]
+    assert all(stats_chunked["output_error"][n]["gptq"] == pytest.approx(e["gptq"], rel=1e-3) for n, e in errs.items())
+
+
+def test_row_chunked_fusion_equals_whole(tiny_model, monkeypatch):
+    import spinquant.fusion as fusion
+
+    rot = Rotations.random_hadamard(tiny_model, 0)
+    whole = fuse_and_rotate(untie_embeddings(copy.deepcopy(tiny_model)), rot)
+    monkeypatch.setattr(fusion, "ROW_CHUNK_ELEMENTS", 7 * tiny_model.config.hidden_size)
+    chunked = fuse_and_rotate(untie_embeddings(copy.deepcopy(tiny_model)), rot)
+    for (name, a), (_, b) in zip(whole.named_parameters(), chunked.named_parameters()):
+        assert rel_diff(b, a) < 1e-6, name

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
-from spinquant.quant.gptq import HessianAccumulator, gptq_quantize
+from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
 from spinquant.quant.scheme import FLOAT, QuantScheme
@@ -41,6 +41,10 @@ class WeightQuantConfig:
     stats: dict = field(default_factory=dict)
 
 
+# rows quantized together (GPTQ, RTN): 128 MiB of float32 weights, a 1B layer's gate+up at once
+GPTQ_CHUNK_ELEMENTS = 1 << 25
+
+
 class _StopForward(Exception):
     """Raised by an observer once the inputs it needs are captured: the rest of the layer is skipped."""
 
@@ -52,21 +56,33 @@ def _get(module: nn.Module, dotted: str) -> nn.Module:
 
 
 @torch.no_grad()
+def rtn_integers(w: torch.Tensor, bits: int, group_size: int | None, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integers (int8, (out, in)) and scales (float32, (out, in/g)) of ``w``, with range setting
+    when ``clip_search``; in chunks of GPTQ_CHUNK_ELEMENTS rows (rows are independent), so the float temporaries
+    of a 128256-row embedding stay at a chunk's size."""
+    rows = max(1, GPTQ_CHUNK_ELEMENTS // w.shape[1])
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], w.shape[1] // (group_size or w.shape[1]), dtype=torch.float32, device=w.device)
+    for a in range(0, w.shape[0], rows):
+        part = w[a : a + rows].float()
+        scales[a : a + rows] = choose_scales(part, bits, group_size, clip_search)
+        q[a : a + rows] = quantize_weight(part, scales[a : a + rows], bits, group_size)
+    return q, scales
+
+
+@torch.no_grad()
 def quantize_embedding(model: LlamaForCausalLM, scheme: QuantScheme, clip_search: bool) -> None:
     if scheme.embedding_bits >= FLOAT:
         return
-    w = model.model.embed_tokens.weight.float()
-    scales = choose_scales(w, scheme.embedding_bits, None, clip_search)  # (vocab, 1)
-    set_embedding_quantized(model, quantize_weight(w, scales, scheme.embedding_bits, None), scales[:, 0])
+    q, scales = rtn_integers(model.model.embed_tokens.weight, scheme.embedding_bits, None, clip_search)  # scales (vocab, 1)
+    set_embedding_quantized(model, q, scales[:, 0])
 
 
 @torch.no_grad()
 def rtn_quantize_linear(lin: QuantLinear, clip_search: bool) -> None:
     if lin.w_bits >= FLOAT:
         return
-    w = lin.weight.float()
-    scales = choose_scales(w, lin.w_bits, lin.group_size, clip_search)
-    lin.set_quantized(quantize_weight(w, scales, lin.w_bits, lin.group_size), scales)
+    lin.set_quantized(*rtn_integers(lin.weight, lin.w_bits, lin.group_size, clip_search))
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -75,29 +91,58 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     return 0.5 * torch.einsum("oi,ij,oj->", d, h, d).item()
 
 
+def _row_chunks(named: list[tuple[str, QuantLinear]], max_rows: int):
+    """The stacked rows of ``named`` in pieces of at most ``max_rows``: lists of (name, linear, rows of it)."""
+    piece, size = [], 0
+    for name, lin in named:
+        a = 0
+        while a < lin.out_features:
+            take = min(lin.out_features - a, max_rows - size)
+            piece.append((name, lin, slice(a, a + take)))
+            size, a = size + take, a + take
+            if size == max_rows:
+                yield piece
+                piece, size = [], 0
+    if piece:
+        yield piece
+
+
+@torch.no_grad()
 def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: WeightQuantConfig) -> None:
-    """GPTQ of linears that share one input (hence one Hessian): their rows are stacked into one matrix,
-    since GPTQ treats rows independently given H; one pass over the columns serves them all.
+    """GPTQ of linears that share one input (hence one Hessian): their rows are stacked, since GPTQ treats rows
+    independently given H; one pass over the columns serves them all. The stack is processed in chunks of
+    GPTQ_CHUNK_ELEMENTS (the 128256-row output layer in 8 pieces at 1B), with one inverse-Hessian factor.
 
     Records, per linear, the output reconstruction error of GPTQ and of RTN (same range setting) on
-    the same inputs in ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}``.
+    the same inputs in ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}`` (sums over the chunks).
     """
     named = [(n, lin) for n, lin in named if lin.w_bits < FLOAT]
     if not named:
         return
-    w = torch.cat([lin.weight.detach().float() for _, lin in named])
     bits, group = named[0][1].w_bits, named[0][1].group_size
-    q, scales = gptq_quantize(w, h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order)
-    rtn_scales = choose_scales(w, bits, group, cfg.clip_search)
-    w_rtn = dequantize_weight(quantize_weight(w, rtn_scales, bits, group), rtn_scales, group)
-    w_gptq = dequantize_weight(q, scales, group)
+    solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order)
+    n_groups = named[0][1].in_features // (group or named[0][1].in_features)
+    q = {n: torch.empty(lin.weight.shape, dtype=torch.int8, device=lin.weight.device) for n, lin in named}
+    scales = {n: torch.empty(lin.out_features, n_groups, dtype=torch.float32, device=lin.weight.device) for n, lin in named}
     errors = cfg.stats.setdefault("output_error", {})
-    row = 0
+    for name, _ in named:
+        errors[name] = {"gptq": 0.0, "rtn": 0.0}
+    for piece in _row_chunks(named, max(1, GPTQ_CHUNK_ELEMENTS // named[0][1].in_features)):
+        w = torch.cat([lin.weight.detach()[rows].float() for _, lin, rows in piece])
+        q_c, s_c = solver.quantize(w)
+        rtn_scales = choose_scales(w, bits, group, cfg.clip_search)
+        w_rtn = dequantize_weight(quantize_weight(w, rtn_scales, bits, group), rtn_scales, group)
+        w_gptq = dequantize_weight(q_c, s_c, group)
+        row = 0
+        for name, lin, rows in piece:
+            r = slice(row, row + rows.stop - rows.start)
+            errors[name]["gptq"] += output_error(w[r], w_gptq[r], h)
+            errors[name]["rtn"] += output_error(w[r], w_rtn[r], h)
+            q[name][rows], scales[name][rows] = q_c[r], s_c[r]
+            row = r.stop
+        del w, q_c, s_c, w_rtn, w_gptq
     for name, lin in named:
-        rows = slice(row, row + lin.out_features)
-        errors[name] = {"gptq": output_error(w[rows], w_gptq[rows], h), "rtn": output_error(w[rows], w_rtn[rows], h)}
-        lin.set_quantized(q[rows], scales[rows])
-        row += lin.out_features
+        lin.set_quantized(q[name], scales[name])
 
 
 def _run_layer(layer: nn.Module, inps: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor | None:

@@ -39,7 +39,9 @@ class QuantLinear(nn.Module):
 
     weight_mode: 'float' (W as is), 'dynamic' (W fake-quantized round-to-nearest on every forward, with
     STE: for learning rotations against a quantized-weight loss), 'fixed' (W = q * scales, integers set
-    by range setting / GPTQ and kept in the ``qweight`` / ``scales`` buffers for export).
+    by range setting / GPTQ and kept in the ``qweight`` / ``scales`` buffers for export). A fixed layer
+    holds no float weight (``weight`` is None): the forward dequantizes ``q * scales`` when it runs, so a
+    quantized 1B model takes its int8 size in memory, not its float32 size (bit-identical to storing it).
     ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
     ``weight_override``, when set, replaces ``weight`` in the forward (rotation learning feeds the
     rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
@@ -75,6 +77,8 @@ class QuantLinear(nn.Module):
         return fake_quant_per_token_asym(x, self.a_bits, self.a_eps, self.a_clip)
 
     def effective_weight(self) -> torch.Tensor:
+        if self.weight_mode == "fixed":
+            return dequantize_weight(self.qweight, self.scales, self.group_size)
         w = self.weight if self.weight_override is None else self.weight_override
         if self.weight_mode == "dynamic" and self.w_bits < FLOAT:
             if self.weight_integers is not None:
@@ -91,11 +95,12 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
-        """Fix the weight to integers ``q`` (int8, (out, in)) times per-group ``scales`` (float32, (out, in/g))."""
+        """Fix the weight to integers ``q`` (int8, (out, in)) times per-group ``scales`` (float32, (out, in/g)).
+
+        The float weight is released (``weight`` becomes None; see the class docstring)."""
         self.qweight = q.to(torch.int8)
         self.scales = scales.to(torch.float32)
-        self.weight.data = dequantize_weight(self.qweight, self.scales, self.group_size).to(self.weight.dtype)
-        self.weight.requires_grad_(False)
+        self.weight = None
         self.weight_mode = "fixed"
 
     def extra_repr(self) -> str:
@@ -163,4 +168,4 @@ def set_embedding_quantized(model: LlamaForCausalLM, q: torch.Tensor, scales: to
     emb = model.model.embed_tokens
     emb.register_buffer("qweight", q.to(torch.int8))
     emb.register_buffer("scales", scales.to(torch.float32))
-    emb.weight.data = dequantize_weight(emb.qweight, emb.scales[:, None], None).to(emb.weight.dtype)
+    emb.weight = nn.Parameter(dequantize_weight(emb.qweight, emb.scales[:, None], None), requires_grad=False)

@@ -34,58 +34,75 @@ class HessianAccumulator:
         self.h.addmm_(x.T, x)
 
 
-@torch.no_grad()
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
-                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in). Returns (q int8 (out, in), scales float32 (out, in/g)).
+class GptqSolver:
+    """GPTQ for one Hessian: the damped inverse-Hessian factor, column order and dead columns are computed once
+    and serve any rows of any weights that read the same input (GPTQ treats rows independently given H, so
+    a weight can be quantized a chunk of rows at a time with the same result: memory stays bounded for a
+    128256-row output layer).
 
     Group scales are chosen (with range setting) from the error-updated weights when a group's first
     column is reached; with ``act_order`` the columns are processed by decreasing Hessian diagonal and
     the scales of all groups are fixed up front from the original weights (static groups).
     """
-    w = w.detach().float().clone()
-    h = h.detach().float().clone()
-    out_f, in_f = w.shape
-    g = group_size or in_f
-    qmin, qmax = qrange(bits)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
-    static_scales = choose_scales(w, bits, group_size, clip_search) if act_order or group_size is None else None
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
-    w = w[:, perm]
-    h = h[perm][:, perm]
+    @torch.no_grad()
+    def __init__(self, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
+                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False) -> None:
+        h = h.detach().float().clone()
+        in_f = h.shape[0]
+        self.bits, self.group_size, self.clip_search, self.act_order = bits, group_size, clip_search, act_order
+        self.dead = torch.diag(h) == 0
+        h[self.dead, self.dead] = 1.0
+        self.perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=h.device)
+        h = h[self.perm][:, self.perm]
+        damp = percdamp * torch.mean(torch.diag(h))
+        h.diagonal().add_(damp)
+        try:
+            self.hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        except torch.linalg.LinAlgError:  # not positive definite even after damping: damp harder
+            h.diagonal().add_(10 * damp)
+            self.hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        g = group_size or in_f
+        self.blocksize = max(g, blocksize // g * g) if group_size else blocksize
 
-    damp = percdamp * torch.mean(torch.diag(h))
-    h.diagonal().add_(damp)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:  # not positive definite even after damping: damp harder
-        h.diagonal().add_(10 * damp)
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ of rows ``w`` (rows, in). Returns (q int8 (rows, in), scales float32 (rows, in/g))."""
+        bits, group_size, clip_search, perm, hinv = self.bits, self.group_size, self.clip_search, self.perm, self.hinv
+        w = w.detach().float().clone()
+        out_f, in_f = w.shape
+        g = group_size or in_f
+        qmin, qmax = qrange(bits)
+        w[:, self.dead] = 0.0
+        static_scales = choose_scales(w, bits, group_size, clip_search) if self.act_order or group_size is None else None
+        w = w[:, perm]
+        scales = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=w.device) if static_scales is None else static_scales
+        q = torch.zeros(out_f, in_f, dtype=torch.int8, device=w.device)
+        blocksize = self.blocksize
+        for i1 in range(0, in_f, blocksize):
+            i2 = min(i1 + blocksize, in_f)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                orig_col = int(perm[col])
+                gi = orig_col // g
+                if static_scales is None and col % g == 0:
+                    scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search)[:, 0]
+                s = scales[:, gi]
+                wc = w1[:, i]
+                qc = torch.clamp(torch.round(wc * (1.0 / s)), qmin, qmax)
+                q[:, col] = qc.to(torch.int8)
+                e = (wc - qc * s) / hinv1[i, i]
+                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                err1[:, i] = e
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        return q[:, torch.argsort(perm)], scales
 
-    scales = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=w.device) if static_scales is None else static_scales
-    q = torch.zeros_like(w)
-    blocksize = max(g, blocksize // g * g) if group_size else blocksize
-    for i1 in range(0, in_f, blocksize):
-        i2 = min(i1 + blocksize, in_f)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            orig_col = int(perm[col])
-            gi = orig_col // g
-            if static_scales is None and col % g == 0:
-                scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search)[:, 0]
-            s = scales[:, gi]
-            wc = w1[:, i]
-            qc = torch.clamp(torch.round(wc * (1.0 / s)), qmin, qmax)
-            q[:, col] = qc
-            e = (wc - qc * s) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return q[:, inv].to(torch.int8), scales
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
+                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in). Returns (q int8 (out, in), scales float32 (out, in/g)).
+    See :class:`GptqSolver`."""
+    return GptqSolver(h, bits, group_size, clip_search, percdamp, blocksize, act_order).quantize(w)
