@@ -100,9 +100,7 @@ def load_run(run: str | Path) -> LlamaForCausalLM:
     # quantized tensors stay on the meta device (no float32 placeholder of the whole model): set_quantized and
     # set_embedding_quantized below replace them by their integers and scales; one left on meta is an error
     model.load_state_dict(float_state, strict=False, assign=True)
-    if model.lm_head.weight is model.model.embed_tokens.weight:  # untie without copying a meta tensor
-        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
-    untie_embeddings(model).eval()
+    untie_embeddings(model).eval()  # a meta embedding's copy is meta too: no memory
     restore_online_rotations(model)
     scheme = QuantScheme.from_dict(qc["scheme"])
     make_fake_quant(model, scheme)

@@ -130,8 +130,7 @@ def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: We
     for piece in _row_chunks(named, max(1, GPTQ_CHUNK_ELEMENTS // named[0][1].in_features)):
         w = torch.cat([lin.weight.detach()[rows].float() for _, lin, rows in piece])
         q_c, s_c = solver.quantize(w)
-        rtn_scales = choose_scales(w, bits, group, cfg.clip_search)
-        w_rtn = dequantize_weight(quantize_weight(w, rtn_scales, bits, group), rtn_scales, group)
+        w_rtn = dequantize_weight(*rtn_integers(w, bits, group, cfg.clip_search), group)
         w_gptq = dequantize_weight(q_c, s_c, group)
         row = 0
         for name, lin, rows in piece:
