@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--hadamard-seeds", default="", help="Comma list of further random-Hadamard seeds to evaluate per target "
                     "(the spread a learned rotation must beat); a variant 'TARGET:none' evaluates only those.")
     ap.add_argument("--no-baseline", action="store_true", help="Skip the random Hadamard row of --seed (already measured: same seed, same numbers).")
+    ap.add_argument("--no-r4", action="store_true", help="R1/R2 only, no online R4 before down_proj, in learning and "
+                    "quantization (what a .pte holds when the intermediate size is not a power of two, e.g. SmolLM2)")
     ap.add_argument("--rtn", action="store_true", help="Also evaluate every rotation with RTN + range setting (no GPTQ).")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations_v2"))
     args = ap.parse_args()
@@ -92,9 +94,9 @@ def main() -> None:
         scheme = schemes[target]
         if target not in done_hadamard:
             if not args.no_baseline:
-                gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed), scheme, {"target": target})
+                gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed, r4=not args.no_r4), scheme, {"target": target})
             for extra_seed in [int(x) for x in args.hadamard_seeds.split(",") if x]:
-                gptq_eval(f"{target} random Hadamard (seed {extra_seed}) + GPTQ", Rotations.random_hadamard(base, extra_seed), scheme,
+                gptq_eval(f"{target} random Hadamard (seed {extra_seed}) + GPTQ", Rotations.random_hadamard(base, extra_seed, r4=not args.no_r4), scheme,
                           {"target": target, "hadamard_seed": extra_seed})
             done_hadamard.add(target)
         if wbits == "none":
@@ -102,7 +104,7 @@ def main() -> None:
         a_bits, kv_bits = (4, 4) if target == "w4a4kv4" else (8, 16)
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
                           group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
-                          loss=loss, weight_quant=weight_quant)
+                          loss=loss, weight_quant=weight_quant, r4=not args.no_r4)
         learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
                                   teacher=copy.deepcopy(base) if loss == "kl" else None)
         learner.run()

@@ -7,6 +7,11 @@ perplexity, KL(float || quantized) in nats/token and top-1 agreement on the same
 wall time of each quantization. Writes benchmarks/results/quant_table.{md,json}.
 
     python scripts/bench_quant_table.py --windows 40 --nsamples 64
+    python scripts/bench_quant_table.py --model /work/models/smollm2-135m --windows 16 --nsamples 32 \
+        --rotations none,hadamard,hadamard-no-r4 --out benchmarks/results/quant_table_smollm2
+
+"hadamard-no-r4" rotates by R1/R2 only (down_proj inputs unrotated): what a model whose intermediate size is not a
+power of two gets in a .pte (ExecuTorch's online Hadamard takes powers of two only; calibrate's --r4 auto).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows (first N of the test text)")
     ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4")
+    ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4")
+    ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -62,11 +70,13 @@ def main() -> None:
 
     record("float32", "-", "-", "-", base, 0.0)
     record("bf16", "-", "-", "-", copy.deepcopy(base).to(torch.bfloat16), 0.0)
-    for scheme_name, scheme in (("8da4w (Meta)", META_8DA4W), ("W4A4KV4", W4A4KV4)):
-        for rotation in ("none", "hadamard"):
-            for method, clip in (("rtn", False), ("rtn", True), ("gptq", True)):
+    schemes = {"8da4w": ("8da4w (Meta)", META_8DA4W), "w4a4kv4": ("W4A4KV4", W4A4KV4)}
+    methods = {"rtn": ("rtn", False), "rtn+clip": ("rtn", True), "gptq+clip": ("gptq", True)}
+    for scheme_name, scheme in (schemes[k] for k in args.schemes.split(",")):
+        for rotation in args.rotations.split(","):
+            for method, clip in (methods[k] for k in args.methods.split(",")):
                 t = time.perf_counter()
-                rot = Rotations.random_hadamard(base, args.seed) if rotation == "hadamard" else None
+                rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
                 model = quantized_copy(base, rot, scheme, WeightQuantConfig(method=method, clip_search=clip), calib)
                 label = {("rtn", False): "RTN", ("rtn", True): "RTN+clip", ("gptq", True): "GPTQ+clip"}[(method, clip)]
                 record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)

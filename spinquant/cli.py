@@ -167,6 +167,8 @@ def calibration_options(nsamples_default: int):
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, help="Run directory to write (new or empty; the same command and options re-make it).")
 @click.option("--rotations", default="hadamard", show_default=True, help="none | hadamard (seeded random R1/R2 + R4) | PATH to an R.bin.")
+@click.option("--r4/--no-r4", default=True, show_default=True, help="With rotations: fold R4 into down_proj and keep the "
+              "online Hadamard before it (ExecuTorch runs it for power-of-two intermediate sizes only).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--w-bits", type=int, default=4, show_default=True, help="Block-linear weight bits (16 = float).")
 @click.option("--group-size", type=int, default=32, show_default=True, help="Weight group size (32/64/128/256; 0 = per channel).")
@@ -183,7 +185,7 @@ def calibration_options(nsamples_default: int):
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
 @overwrite_option
 @friendly_errors
-def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
+def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
              percdamp, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
@@ -196,8 +198,9 @@ def quantize(model_src, out_dir, rotations, method, w_bits, group_size, a_bits, 
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field) if method == "gptq" else None
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
-                          device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
-    click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}, "
+                          device=device, tokenizer_src=tokenizer_src, overwrite=overwrite, r4=r4)
+    click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}"
+               f"{'' if r4 or rotations == 'none' else ' without R4'}, "
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
 
 
@@ -260,20 +263,22 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
               help="With --w-bits < 16: the int4 weights the loss sees: round-to-nearest, or GPTQ of the current rotation "
                    "(every step; the final quantizer's weights).")
 @click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
+@click.option("--r4/--no-r4", default=True, show_default=True, help="Learn with R4 folded into down_proj and the online "
+              "Hadamard before it (quantize the result with the same choice).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
 @overwrite_option
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
-                        momentum, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, device, tokenizer_src,
-                        overwrite) -> None:
+                        momentum, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, r4, device,
+                        tokenizer_src, overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every)
+                      save_every=save_every, r4=r4)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
@@ -311,6 +316,9 @@ def _target_help() -> str:
 @click.option("--learn-weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="With --learn-w-bits 4: int4 weights in the loop by round-to-nearest or by GPTQ of the current rotation.")
 @click.option("--gptq-nsamples", default=128, show_default=True, help="Calibration windows for GPTQ (and range setting).")
+@click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
+                   "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")
 @click.option("--pte/--no-pte", default=None, help="Build and verify model.pte with executorch [default: when the target has one].")
 @click.option("--eval-data", default="wikitext2", show_default=True, help="Evaluation text for the report (wikitext2 = hub test split, or a local file).")
 @click.option("--eval-windows", default=20, show_default=True, help="Evaluation windows (of --seqlen tokens) for the report.")

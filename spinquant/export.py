@@ -45,8 +45,8 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     inter = model.config.intermediate_size
     if has_online_r4(model) and inter & (inter - 1):
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
-                             f"(fast_hadamard_transform, R4) cannot compute it; quantize with --rotations none or a "
-                             f"model whose intermediate size is a power of two")
+                             f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --no-r4 (calibrate: --r4 off; "
+                             f"its default --r4 auto does this when a .pte is made)")
     missing = [n for n, m in model.named_modules() if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight is None]
     if missing or getattr(model.model.embed_tokens, "qweight", None) is None:
         raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "

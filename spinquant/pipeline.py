@@ -125,15 +125,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_rotations(spec: str, model, seed: int) -> Rotations | None:
-    """'none' -> None; 'hadamard' -> seeded random Hadamard R1/R2 + R4; a path -> its R.bin (+ R4)."""
+def resolve_rotations(spec: str, model, seed: int, r4: bool = True) -> Rotations | None:
+    """'none' -> None; 'hadamard' -> seeded random Hadamard R1/R2 (+ R4 if ``r4``); a path -> its R.bin (+ R4 if ``r4``)."""
     from spinquant.fusion import load_rbin
 
     if spec == "none":
         return None
     if spec == "hadamard":
-        return Rotations.random_hadamard(model, seed)
-    return load_rbin(rotations_file(spec), r4=True)
+        return Rotations.random_hadamard(model, seed, r4=r4)
+    return load_rbin(rotations_file(spec), r4=r4)
 
 
 def rotations_file(spec: str) -> Path:
@@ -146,22 +146,29 @@ def rotations_file(spec: str) -> Path:
     return path
 
 
-def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None) -> dict[str, Any]:
-    """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device."""
+def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
+                      r4: bool = True) -> dict[str, Any]:
+    """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
+    ``r4`` is named only when off, so runs made before the option existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
 
-    return {"model": resolve_input(model_src), "rotations": rotations if rotations in ("none", "hadamard") else resolve_input(rotations),
-            "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
-            "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
-            "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
+    named = {"model": resolve_input(model_src),
+             "rotations": rotations if rotations in ("none", "hadamard") else resolve_input(rotations),
+             "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
+             "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
+             "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
+    return named if r4 else {**named, "r4": False}
 
 
 def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "hadamard", calib=None, seed: int = 0,
                     device: str = "auto", tokenizer_src: str | None = None, progress: bool = True,
-                    extra_config: dict | None = None, overwrite: bool = False) -> dict[str, Any]:
+                    extra_config: dict | None = None, overwrite: bool = False, r4: bool = True) -> dict[str, Any]:
     """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory.
+
+    ``r4``: with rotations, also fold R4 into down_proj and keep the online Hadamard before it (ExecuTorch runs it
+    for power-of-two intermediate sizes only; off, down_proj's inputs stay unrotated).
 
     Every input is checked before ``out_dir`` is claimed (spinquant.outputs: a check, it writes nothing); the
     run is written to a temp directory and renamed into place once it reloads to the same logits.
@@ -183,14 +190,14 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     scheme.check_model(config)  # bad group sizes fail before any weight is read
     if rotations not in ("none", "hadamard"):
         rotations_file(rotations)
-    check_rotation_sizes(config, r4=rotations != "none")
+    check_rotation_sizes(config, r4=rotations != "none" and r4)
     windows = None
     if wq.method == "gptq":
         check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
         t = time.perf_counter()
         windows = calibration_windows(calib, tokenizer)
         times["calibration_data"] = time.perf_counter() - t
-    identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src)
+    identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src, r4)
     inputs = {"--model": model_src, "--tokenizer": tokenizer_src, "--calib-data": calib.source if windows is not None else None,
               "--rotations": None if rotations in ("none", "hadamard") else rotations}
     claim_output(out_dir, "quantize", identity, inputs, overwrite)
@@ -199,7 +206,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     times["load"] = time.perf_counter() - t
     if has_online_r4(model) and rotations != "none":
         raise SpinQuantError(f"{model_src} is already rotated (online R4): pass --rotations none")
-    rot = resolve_rotations(rotations, model, seed)
+    rot = resolve_rotations(rotations, model, seed, r4)
     t = time.perf_counter()
     if rot is not None:
         fuse_and_rotate(model, rot)
@@ -297,7 +304,7 @@ def quantization_kl(run: Path, ours, windows: torch.Tensor) -> float | None:
 
     source = read_quant_config(run).get("source_model")
     try:
-        float_model = load_model(source)
+        float_model = load_model(source, untie=False)  # evaluation only: a tied model needs no embedding copy
     except (SpinQuantError, TypeError):
         return None
     kl = compare_logits(hf_logits_fn(float_model), ours, windows)["kl_ours_to_pte"]
@@ -382,19 +389,23 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
             seqlen = min(verify_seqlen, max_seq_len - 1)
             windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
-            # our logits first, then our model is freed: executorch's exporter (a child process) and later the float
-            # model each run with no other model in memory (one at a time: 1B/3B sizes)
+            # one model in memory at a time (1B/3B sizes): our logits are computed and cached, our model freed, then the
+            # float model gives the KL scale and is freed, then executorch's exporter (a child process) and the .pte run.
+            # Measured at 1B: the float model loaded after the .pte comparison peaked at 11.3 GiB, before it 9.x GiB
+            # (the executorch runtime keeps ~2.4 GiB after its program is released)
             ours = cached_logits_fn(hf_logits_fn(model))
             for w in windows:
                 ours(w[None])
             ours.release()
             del model
             release_memory()
+            kl_quant = quantization_kl(run, ours, windows)
             result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, spin,
                                                 cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log")
-            metrics = compare_logits(ours, PteModel(stage / "model.pte"), windows)
+            pte_model = PteModel(stage / "model.pte")
+            metrics = compare_logits(ours, pte_model, windows)
+            del pte_model
             metrics.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), data=source)
-            kl_quant = quantization_kl(run, ours, windows)
             metrics["kl_float_to_ours"] = kl_quant
             kl_bound = max_kl_ratio * kl_quant if kl_quant is not None else max_kl
             metrics["kl_bound"] = kl_bound
@@ -449,7 +460,7 @@ def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dic
 
     from spinquant.outputs import resolve_input
 
-    config = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    config = {k: v for k, v in asdict(cfg).items() if k != "save_every" and not (k == "r4" and v)}  # r4 named when off
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
 
 
@@ -477,7 +488,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         raise SpinQuantError(f"{model_src} is a quantized run: learn rotations on the float model")
     out = Path(out_dir)
     config, tokenizer = check_model(model_src, tokenizer_src)
-    check_rotation_sizes(config, r4=True)
+    check_rotation_sizes(config, r4=cfg.r4)
     check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
     windows = calibration_windows(calib, tokenizer)
     identity = learn_identity(model_src, cfg, calib, tokenizer_src)

@@ -128,8 +128,8 @@ def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = Fal
     inter = config.intermediate_size
     if r4 and executorch_r4 and inter & (inter - 1):
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
-                             f"(fast_hadamard_transform, R4) cannot compute it; pass --no-pte, or use a model whose "
-                             f"intermediate size is a power of two")
+                             f"(fast_hadamard_transform, R4) cannot compute it; pass --r4 off (no online Hadamard; calibrate's "
+                             f"--r4 auto does this) or --no-pte")
 
 
 def check_model(model_src: str, tokenizer_src: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Any]:

@@ -1,7 +1,8 @@
 """Driving executorch: its own ``export_llama`` (unmodified, as a subprocess) and its runtime.
 
 The ``.pte`` is produced exactly as a user would produce it by hand from our checkpoint:
-``python -m executorch.examples.models.llama.export_llama --preq_mode ... --use_spin_quant native``.
+``python -m executorch.examples.models.llama.export_llama --preq_mode ... --use_spin_quant native`` (``--use_qat``
+instead for a checkpoint without the online R4).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def export_command(ckpt: Path, params: Path, out_pte: Path, mode: str, group_siz
            "--use_sdpa_with_kv_cache", "--preq_mode", mode, "--preq_group_size", str(group_size),
            "--preq_embedding_quantize", "8,0", "--max_seq_length", str(max_seq_len), "--max_context_length",
            str(max_seq_len), "--output_name", str(out_pte)]
-    if spin:
-        cmd += ["--use_spin_quant", "native"]
+    # the loader converts its linears to the pre-quantized modules only under --use_spin_quant or --use_qat; without
+    # either it tries to load int8 into float parameters and fails. --use_spin_quant native also inserts the online
+    # R4 Hadamard; a checkpoint without R4 (rotations none, or --r4 off) takes the same pre-quantized path via --use_qat
+    cmd += ["--use_spin_quant", "native"] if spin else ["--use_qat"]
     if full_logits:
         cmd += ["--generate_full_logits"]
     meta = {"get_eos_ids": eos}

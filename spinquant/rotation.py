@@ -78,6 +78,7 @@ class LearnConfig:
     loss: str = "ce"  # "ce": next-token cross-entropy (Meta's); "kl": KL(float model || quantized model) per token
     weight_quant: str = "rtn"  # int4 weights in the loop (w_bits < 16): "rtn", or "gptq" (see rotation_gptq.py)
     gptq_windows: int = 64  # calibration windows whose inputs give the in-the-loop GPTQ Hessians
+    r4: bool = True  # the online Hadamard before down_proj (off where the exported model cannot run it)
 
     def scheme(self) -> QuantScheme:
         """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
@@ -100,9 +101,9 @@ class LearnConfig:
 
 
 def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM:
-    """Fused norms, R4 folded (online Hadamard kept), fake-quant modules of the learning scheme; weights frozen."""
+    """Fused norms, R4 folded (online Hadamard kept; unless ``cfg.r4`` is off), fake-quant modules of the learning scheme; weights frozen."""
     fuse_norms(model)
-    apply_rotations(model, Rotations(r4=True))
+    apply_rotations(model, Rotations(r4=cfg.r4))
     make_fake_quant(model, cfg.scheme())
     for mod in model.modules():
         if hasattr(mod, "weight_mode") and mod.w_bits < FLOAT:
@@ -326,7 +327,7 @@ class RotationLearner:
             err = orthogonality_error(q)
             if not err < ORTHOGONALITY_TOL:
                 raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
-        return Rotations(r1=r1, r2=r2, r4=True)
+        return Rotations(r1=r1, r2=r2, r4=self.cfg.r4)
 
 
 def _digest(windows: torch.Tensor) -> str:

@@ -51,6 +51,7 @@ class CalibrateOptions:
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
+    r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
     eval_windows: int = 20
@@ -153,7 +154,8 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
         else:
             quantize_to_run(model_src, str(tmp / "out"), target.scheme, WeightQuantConfig(method="gptq", clip_search=True),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
-                            device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name})
+                            device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
+                            r4=opts.r4 == "on")
         run.move_in(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,14 +222,14 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
             from spinquant.quant.apply import WeightQuantConfig, quantize_model
 
             m = copy.deepcopy(float_model)
-            fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed))
+            fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
             quantize_model(m, target.scheme, WeightQuantConfig(), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
             ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
             del m
     # residual-stream outliers before and after the learned rotation, on a few windows
     probe = windows[:2, :512] if windows is not None else torch.randint(0, float_model.config.vocab_size, (2, 256))
     before = residual_stats(float_model, probe)
-    fuse_and_rotate(float_model, load_rbin(run.dir / "R.bin"))
+    fuse_and_rotate(float_model, load_rbin(run.dir / "R.bin", r4=opts.r4 == "on"))
     after = residual_stats(float_model, probe)
     if windows is not None:
         ref.release()  # every window is cached: the float model can go
@@ -254,6 +256,25 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
+def resolve_r4(choice: str, model_src: str, pte: bool) -> str:
+    """--r4 auto|on|off -> "on" or "off". auto is on unless a .pte is made and ExecuTorch cannot compute the online
+    Hadamard at the model's intermediate size (its fast_hadamard_transform takes powers of two only): then off, said
+    in one line, since a .pte that cannot be built is worse than down_proj inputs left unrotated. "on" with such a
+    size fails in the preflight with the fix named."""
+    from spinquant.models import load_config
+
+    if choice not in ("auto", "on", "off"):
+        raise SpinQuantError(f"--r4 {choice}: choose auto, on or off")
+    if choice != "auto":
+        return choice
+    inter = load_config(model_src).intermediate_size
+    if pte and inter & (inter - 1):
+        _log(f"[spinquant] R4 off: intermediate size {inter} is not a power of two and ExecuTorch's online Hadamard "
+             f"(fast_hadamard_transform) cannot compute it; down_proj's inputs stay unrotated (--no-pte keeps R4 on)")
+        return "off"
+    return "on"
+
+
 def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int):
     """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
     headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
@@ -269,7 +290,7 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     config, tokenizer = check_model(opts.model, opts.tokenizer)
     if target.scheme is not None:
         target.scheme.check_model(config)
-    check_rotation_sizes(config, r4=True, executorch_r4=pte)
+    check_rotation_sizes(config, r4=opts.r4 == "on", executorch_r4=pte)
     if pte:
         check_executorch_rope(config, opts.model)
     elif target.scheme is not None and executorch_rope_problem(config):
@@ -311,14 +332,18 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
                              f"or an xnnpack target")
     pte = target.pte and target.scheme is not None and opts.pte is not False
+    opts.r4 = resolve_r4(opts.r4, opts.model, pte)
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
-                            kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant)
+                            kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
+                            r4=opts.r4 == "on")
     nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
     config = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
     identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}
+    if identity["r4"] == "on":
+        del identity["r4"]  # named only when off: runs made before the option existed keep their identity
     identity["model"] = resolve_input(opts.model)
     identity["tokenizer"] = resolve_input(opts.tokenizer)
     identity["calib_data"] = resolve_input(opts.calib_data)

@@ -192,6 +192,31 @@ def test_export_rejects_intermediate_without_online_hadamard(tmp_path, tiny_toke
     run = tmp_path / "run"
     assert _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(run), "--method", "rtn").exit_code == 0
     _assert_clean_error(_invoke("export", "--from", str(run), "--no-pte"), "intermediate size 96 is not a power of two", run)
+    assert "--no-r4" in _invoke("export", "--from", str(run), "--no-pte").output  # the fix is named
+    # the fix: R1/R2 without the online R4, which ExecuTorch runs with no custom op
+    plain = tmp_path / "no-r4"
+    r = _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(plain), "--method", "rtn", "--no-r4")
+    assert r.exit_code == 0 and "without R4" in r.output, r.output
+    assert _invoke("export", "--from", str(plain), "--no-pte").exit_code == 0
+    assert json.loads((plain / "config.json").read_text()).get("spinquant_online_r4") is None
+
+
+def test_calibrate_turns_r4_off_where_executorch_cannot_run_it(tmp_path, tiny_tokenizer, corpus_file):
+    """SmolLM2's 1536 = 12 x 128 in small: --r4 auto (the default) makes a verified .pte without R4; --r4 on refuses."""
+    model = make_tiny_model(vocab_size=len(tiny_tokenizer), intermediate_size=96)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    common = ["calibrate", "--model", str(tmp_path / "m"), "--calib-data", str(corpus_file), "--eval-data", str(corpus_file),
+              "--rotations", "hadamard", "--seqlen", "64", "--gptq-nsamples", "4", "--eval-windows", "2"]
+    refused = _invoke(*common, "--out", str(tmp_path / "on"), "--r4", "on")
+    assert refused.exit_code == 2 and "--r4 off" in refused.output and not (tmp_path / "on").exists(), refused.output
+    r = _invoke(*common, "--out", str(tmp_path / "auto"))
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "auto"
+    assert json.loads((run / "calibrate_config.json").read_text())["r4"] == "off"
+    assert json.loads((run / "config.json").read_text()).get("spinquant_online_r4") is None
+    ver = json.loads((run / "verification.json").read_text())
+    assert ver["verified"] and ver["spin_quant"] is False and (run / "model.pte").is_file()
 
 
 def test_export_warns_about_paths_that_break_executorchs_loader(exported_run, tmp_path):

@@ -44,6 +44,25 @@ def test_untied_on_load(tiny_model_dir):
     assert torch.equal(m.lm_head.weight, m.model.embed_tokens.weight)
 
 
+def test_bf16_checkpoint_loads_as_float32_bit_identically(tiny_model, tmp_path):
+    """load_model reads a bf16 checkpoint at its own dtype and upcasts tensor by tensor (less peak memory): the same
+    float32 model as from_pretrained(dtype=float32); untie=False (evaluation) keeps the tie and the logits."""
+    from transformers import LlamaForCausalLM
+
+    tiny_model.config.tie_word_embeddings = True
+    tiny_model.tie_weights()
+    tiny_model.to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        want = ref(ids).logits
+        for untie in (True, False):
+            m = load_model(tmp_path, untie=untie)
+            assert all(t.dtype == torch.float32 for t in m.state_dict().values() if t.is_floating_point())
+            assert (m.lm_head.weight is m.model.embed_tokens.weight) is not untie
+            assert torch.equal(m(ids).logits, want)
+
+
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(SpinQuantError, match="Hugging Face hub"):
         load_model("meta-llama/Llama-3.2-1B")
