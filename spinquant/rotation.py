@@ -197,7 +197,8 @@ class RotationLearner:
                                  f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
         if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
             raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
-        if st["config"] != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
+        saved = {"r4": True, **st["config"]}  # states saved before the r4 option learned with R4
+        if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")
         with torch.no_grad():

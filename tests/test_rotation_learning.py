@@ -82,6 +82,10 @@ def test_resume_equals_uninterrupted(tiny_model_dir, corpus_file, tmp_path):
     assert full["finished"] and full["resumed_from"] == 0
     part = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed", stop_after=5)  # "killed" after step 5
     assert not part["finished"] and not (tmp_path / "resumed" / "R.bin").exists()
+    state_file = tmp_path / "resumed" / "learn_state.pt"  # as saved before the r4 option existed: it still resumes
+    state = torch.load(state_file, weights_only=True)
+    assert state["config"].pop("r4") is True
+    torch.save(state, state_file)
     rest = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed")
     assert rest["finished"] and rest["resumed_from"] == 5
     a, b = load_rbin(tmp_path / "full" / "R.bin"), load_rbin(tmp_path / "resumed" / "R.bin")
