@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import has_online_r4
+from spinquant.hadamard import executorch_computes
 from spinquant.models import HF_TO_META_LAYER, meta_params_from_config, permute_rope_rows
 from spinquant.quant.scheme import FLOAT, GROUP_SIZES, QuantScheme
 
@@ -43,7 +44,7 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     if scheme.embedding_bits != 8:
         raise SpinQuantError(f"embedding_bits={scheme.embedding_bits}: the export writes an 8-bit per-row embedding")
     inter = model.config.intermediate_size
-    if has_online_r4(model) and inter & (inter - 1):
+    if has_online_r4(model) and not executorch_computes(inter):
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
                              f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --no-r4 (calibrate: --r4 off; "
                              f"its default --r4 auto does this when a .pte is made)")

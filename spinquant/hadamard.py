@@ -137,6 +137,13 @@ def is_supported_size(n: int) -> bool:
     return _split(n) is not None
 
 
+def executorch_computes(n: int) -> bool:
+    """True if ExecuTorch's online ``fast_hadamard_transform`` (the R4 of ``--use_spin_quant native``) computes the
+    orthonormal n x n Hadamard: powers of two only (measured with executorch 1.5.1: 1536 = 12 x 128 aborts; 3584 =
+    28 x 128 runs but returns sqrt(28) x the orthonormal result)."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def _unsupported(n: int, what: str) -> SpinQuantError:
     return SpinQuantError(
         f"no Hadamard matrix of size {n} (needed for {what}): supported sizes are m*2^k with m = 1 or a "

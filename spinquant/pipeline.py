@@ -391,8 +391,8 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
             # one model in memory at a time (1B/3B sizes): our logits are computed and cached, our model freed, then the
             # float model gives the KL scale and is freed, then executorch's exporter (a child process) and the .pte run.
-            # Measured at 1B: the float model loaded after the .pte comparison peaked at 11.3 GiB, before it 10.7 GiB
-            # (the executorch runtime keeps ~2.4 GiB after its program is released)
+            # (measured at 1B: 11.3 GiB peak with the float model loaded after the .pte comparison, whose runtime keeps
+            # ~2.4 GiB after its program is released; 10.7 GiB with it loaded here)
             ours = cached_logits_fn(hf_logits_fn(model))
             for w in windows:
                 ours(w[None])

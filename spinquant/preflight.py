@@ -117,7 +117,7 @@ def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = Fal
     """Hadamard matrices exist for R1 (hidden), R2 (head_dim) and R4 (intermediate); with ``executorch_r4`` the
     intermediate size must be a power of two (ExecuTorch's fast_hadamard_transform)."""
     from spinquant.fusion import head_dim
-    from spinquant.hadamard import is_supported_size, hadamard_matrix
+    from spinquant.hadamard import executorch_computes, hadamard_matrix, is_supported_size
 
     sizes = [(config.hidden_size, "R1 (hidden_size)"), (head_dim(config), "R2 (head_dim)")]
     if r4:
@@ -126,7 +126,7 @@ def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = Fal
         if not is_supported_size(n):
             hadamard_matrix(n, what)  # raises the one message that explains the supported sizes
     inter = config.intermediate_size
-    if r4 and executorch_r4 and inter & (inter - 1):
+    if r4 and executorch_r4 and not executorch_computes(inter):
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
                              f"(fast_hadamard_transform, R4) cannot compute it; pass --r4 off (no online Hadamard; calibrate's "
                              f"--r4 auto does this) or --no-pte")

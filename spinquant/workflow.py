@@ -261,6 +261,7 @@ def resolve_r4(choice: str, model_src: str, pte: bool) -> str:
     Hadamard at the model's intermediate size (its fast_hadamard_transform takes powers of two only): then off, said
     in one line, since a .pte that cannot be built is worse than down_proj inputs left unrotated. "on" with such a
     size fails in the preflight with the fix named."""
+    from spinquant.hadamard import executorch_computes
     from spinquant.models import load_config
 
     if choice not in ("auto", "on", "off"):
@@ -268,7 +269,7 @@ def resolve_r4(choice: str, model_src: str, pte: bool) -> str:
     if choice != "auto":
         return choice
     inter = load_config(model_src).intermediate_size
-    if pte and inter & (inter - 1):
+    if pte and not executorch_computes(inter):
         _log(f"[spinquant] R4 off: intermediate size {inter} is not a power of two and ExecuTorch's online Hadamard "
              f"(fast_hadamard_transform) cannot compute it; down_proj's inputs stay unrotated (--no-pte keeps R4 on)")
         return "off"

@@ -68,3 +68,14 @@ def test_random_hadamard_seeded_and_orthogonal():
     # D @ H: rows of H with random signs
     h = hadamard_matrix(384)
     assert torch.equal((a / h).abs(), torch.ones_like(h)) and ((a / h)[:, :1] == (a / h)).all()
+
+
+def test_executorch_computes_powers_of_two_only():
+    """ExecuTorch's online fast_hadamard_transform: Llama 3.2's 8192 yes; SmolLM2's 1536 (aborts there) and
+    28 x 128 (runs, unnormalised) no, though spinquant itself builds all three."""
+    from spinquant.hadamard import executorch_computes
+
+    assert executorch_computes(8192) and executorch_computes(64)
+    for n in (1536, 3584, 96, 0):
+        assert not executorch_computes(n)
+    assert all(is_supported_size(n) for n in (8192, 1536, 3584, 96))
