@@ -304,6 +304,10 @@ def _target_help() -> str:
 @click.option("--rotations", type=click.Choice(["learned", "hadamard"]), default="learned", show_default=True,
               help="learned: R1/R2 learned by Cayley SGD from a random Hadamard start; hadamard: that seeded random Hadamard "
                    "itself, no learning (minutes on a CPU; the route for machines without a GPU).")
+@click.option("--recipe", type=click.Choice(["meta"]), default=None,
+              help="A named learning recipe, its options pinned (others given with it must agree). meta: Meta's published "
+                   "Llama 3.2 SpinQuant settings, W16A8KV16, cross-entropy, lr 1.5, 100 steps x 8 x 2048 tokens, GPTQ on "
+                   "128 x 2048, R4 (the defaults today; see README 'Choosing the recipe').")
 @click.option("--steps", default=100, show_default=True, help="Rotation-learning steps (0: no learning, as --rotations hadamard).")
 @click.option("--nsamples", type=int, default=None, help="Rotation-learning windows [default: steps x batch size = 800].")
 @click.option("--seqlen", default=2048, show_default=True, help="Tokens per calibration window.")

@@ -63,9 +63,26 @@ def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _rotations_line(o: dict[str, Any]) -> str:
+    """One sentence on how the rotations were made, from the run's options."""
+    from spinquant.recipes import RECIPE_TEXT
+
+    r4 = "; R4 online before down_proj" if o.get("r4", "on") == "on" else "; no R4"
+    if o.get("rotations") == "hadamard" or not o.get("learned", True):
+        how = "learned rotations copied from another run" if o.get("rotations") == "learned" else f"random Hadamard (seed {o.get('seed')}), no learning"
+        return f"Rotations: {how}{r4}."
+    weights = f"W{o.get('learn_w_bits')}" + (f" ({o.get('learn_weight_quant')} in the loop)" if o.get("learn_w_bits", 16) < 16 else "")
+    recipe = f" Recipe **{o['recipe']}** ({RECIPE_TEXT[o['recipe']]})." if o.get("recipe") in RECIPE_TEXT else ""
+    return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, {weights}A8KV16, "
+            f"{o.get('learn_loss')} loss, lr {o.get('lr')}, {o.get('steps')} steps x {o.get('batch_size')} x {o.get('seqlen')} "
+            f"tokens; GPTQ on {o.get('gptq_nsamples')} x {o.get('seqlen')}{r4}.{recipe}")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     ev = r.get("evaluation") or {}
     lines = [f"# spinquant report: {r['model']}", "", f"Target **{r['target']}** ({r.get('target_description', '')}).", ""]
+    if r.get("options"):
+        lines += [_rotations_line(r["options"]), ""]
     if ev.get("skipped"):
         lines += [f"Evaluation skipped: {ev['skipped']}", ""]
     elif ev:

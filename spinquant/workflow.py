@@ -61,6 +61,7 @@ class CalibrateOptions:
     tokenizer: str | None = None
     text_field: str | None = None  # field of jsonl/parquet rows holding the text [default: the set's, else "text"]
     overwrite: bool = False
+    recipe: str | None = None  # a named learning recipe (spinquant.recipes): its options are pinned and checked
 
     @staticmethod
     def names() -> list[str]:
@@ -320,7 +321,10 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
 
+    from spinquant.recipes import check_recipe
+
     target = get_target(opts.target)
+    check_recipe(opts.recipe, asdict(opts))
     if opts.rotations not in ("learned", "hadamard"):
         raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
                              f"(the seeded random Hadamard, no learning)")
@@ -345,6 +349,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}
     if identity["r4"] == "on":
         del identity["r4"]  # named only when off: runs made before the option existed keep their identity
+    if identity["recipe"] is None:
+        del identity["recipe"]  # likewise named only when given
     identity["model"] = resolve_input(opts.model)
     identity["tokenizer"] = resolve_input(opts.tokenizer)
     identity["calib_data"] = resolve_input(opts.calib_data)

@@ -46,6 +46,34 @@ def test_calibrate_run_directory(calibrated):
     assert len(rep["learning"]["losses"]) == 3 and set(rep["stage_seconds"]) >= {"learn", "quantize", "export"}
     md = (calibrated / "report.md").read_text()
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
+    assert "W16A8KV16, ce loss, lr 1.5, 3 steps x 2 x 64 tokens; GPTQ on 4 x 64; R4 online" in md and "Recipe" not in md
+
+
+def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
+    from dataclasses import asdict
+
+    from spinquant.recipes import RECIPES, check_recipe
+    from spinquant.report import render_markdown
+
+    # today's defaults are Meta's recipe, so --recipe meta alone is accepted (and says so in the report)
+    check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
+    check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
+    # a pinned option given with another value is refused before anything is created, naming both fixes
+    r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
+    _one_line_error(r, "--recipe meta sets --steps 100, but --steps 3 was given")
+    assert "drop --steps" in r.output and "drop --recipe meta" in r.output
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe", "meta",
+                                 "--learn-loss", "kl"])
+    _one_line_error(r, "--recipe meta sets --learn-loss ce, but --learn-loss kl was given")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o3"), "--recipe", "meta",
+                                 "--rotations", "hadamard"])
+    _one_line_error(r, "--recipe meta sets --rotations learned")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    with pytest.raises(workflow.SpinQuantError, match="unknown recipe"):
+        check_recipe("fast", {})
+    opts = {**RECIPES["meta"], "recipe": "meta", "seed": 0, "learned": True, "r4": "on", "nsamples": 800}
+    md = render_markdown({"model": "m", "target": "t", "options": opts})
+    assert "Recipe **meta** (Meta's: W16A8KV16, cross-entropy" in md and "100 steps x 8 x 2048 tokens" in md
 
 
 def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

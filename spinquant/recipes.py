@@ -1,0 +1,51 @@
+"""Named rotation-learning recipes for ``spinquant calibrate --recipe NAME``.
+
+A recipe pins the options that define how R1/R2 are learned and how GPTQ is calibrated, so that a run can claim to
+reproduce a published setting. Options a recipe does not name (data, target, device, micro-batch, evaluation, seed)
+stay the user's: micro-batching only changes how the same batch is accumulated, and the calibration text is the
+user's domain (Meta's is WikiText-2 train, our ``--calib wikitext2`` default).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from spinquant.errors import SpinQuantError
+
+# Meta's Llama 3.2 SpinQuant release (arXiv 2405.16406, section 4 and its Llama 3.2 model card): R1/R2 learned with
+# the weights in 16 bits and 8-bit per-token activations (W16A8KV16), cross-entropy on the calibration text, Cayley SGD
+# lr 1.5 with cosine decay, 100 steps x 8 windows x 2048 tokens (800 windows); GPTQ on 128 x 2048 tokens; R4 online.
+RECIPES: dict[str, dict[str, Any]] = {
+    "meta": {"rotations": "learned", "steps": 100, "batch_size": 8, "nsamples": None, "seqlen": 2048, "lr": 1.5,
+             "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "r4": "auto"},
+}
+RECIPE_TEXT = {"meta": "Meta's: W16A8KV16, cross-entropy, Cayley SGD lr 1.5 cosine, 100 steps x 8 x 2048 tokens, "
+                       "GPTQ on 128 x 2048, R4 online"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_recipe(recipe: str | None, options: dict[str, Any]) -> None:
+    """Refuse options that contradict ``recipe`` (a run named after a recipe must be that recipe).
+
+    ``options`` is calibrate's option dict (CalibrateOptions as a dict, before --r4 auto is resolved). An option equal
+    to the recipe's value passes, given or not; ``nsamples`` may also be spelled as steps x batch size; ``r4`` may be
+    auto (auto turns R4 off only where ExecuTorch cannot run it, and says so)."""
+    if recipe is None:
+        return
+    if recipe not in RECIPES:
+        raise SpinQuantError(f"--recipe {recipe}: unknown recipe; choose one of {', '.join(RECIPES)} (or leave it out and "
+                             f"set the learning options yourself)")
+    wanted = RECIPES[recipe]
+    for name, value in wanted.items():
+        given = options.get(name)
+        if given == value:
+            continue
+        if name == "nsamples" and given == wanted["steps"] * wanted["batch_size"]:
+            continue
+        if name == "r4" and given == "on":
+            continue
+        shown = "steps x batch size" if value is None else value
+        raise SpinQuantError(f"--recipe {recipe} sets {_flag(name)} {shown}, but {_flag(name)} {given} was given: drop "
+                             f"{_flag(name)} to run the recipe, or drop --recipe {recipe} to run your own setting")
