@@ -112,7 +112,7 @@ def main() -> None:
                  + (", KL loss" if loss == "kl" else ", CE loss"))
         curves[f"{target} learned at {label}"] = learner.losses
         stem = f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
-        plot_learning_curve(learner.losses, out.parent / f"{stem}.png", f"{target}: learning at {label}", loss=loss)
+        plot_learning_curve(learner.losses, out.parent / f"{stem}_{out.name}.png", f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
                    "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})
