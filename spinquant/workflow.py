@@ -318,10 +318,9 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     """
     from spinquant.atomic import remove_stale_partials
     from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
+    from spinquant.recipes import check_recipe
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
-
-    from spinquant.recipes import check_recipe
 
     target = get_target(opts.target)
     check_recipe(opts.recipe, asdict(opts))
