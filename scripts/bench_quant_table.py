@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4")
     ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4")
-    ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip")
+    ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
+                    "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -71,14 +72,15 @@ def main() -> None:
     record("float32", "-", "-", "-", base, 0.0)
     record("bf16", "-", "-", "-", copy.deepcopy(base).to(torch.bfloat16), 0.0)
     schemes = {"8da4w": ("8da4w (Meta)", META_8DA4W), "w4a4kv4": ("W4A4KV4", W4A4KV4)}
-    methods = {"rtn": ("rtn", False), "rtn+clip": ("rtn", True), "gptq+clip": ("gptq", True)}
+    methods = {"rtn": ("rtn", False, False, "RTN"), "rtn+clip": ("rtn", True, False, "RTN+clip"),
+               "gptq+clip": ("gptq", True, False, "GPTQ+clip"), "gptq-float+clip": ("gptq", True, True, "GPTQ float target+clip")}
     for scheme_name, scheme in (schemes[k] for k in args.schemes.split(",")):
         for rotation in args.rotations.split(","):
-            for method, clip in (methods[k] for k in args.methods.split(",")):
+            for method, clip, float_target, label in (methods[k] for k in args.methods.split(",")):
                 t = time.perf_counter()
                 rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
-                model = quantized_copy(base, rot, scheme, WeightQuantConfig(method=method, clip_search=clip), calib)
-                label = {("rtn", False): "RTN", ("rtn", True): "RTN+clip", ("gptq", True): "GPTQ+clip"}[(method, clip)]
+                wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target)
+                model = quantized_copy(base, rot, scheme, wq, calib)
                 record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)
 
     machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \

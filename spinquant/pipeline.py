@@ -149,7 +149,8 @@ def rotations_file(spec: str) -> Path:
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
                       r4: bool = True) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4`` is named only when off, so runs made before the option existed keep their identity."""
+    ``r4`` and the GPTQ float target are named only when they differ from the old behaviour, so runs made before
+    those options existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
@@ -159,6 +160,8 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
              "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
              "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
              "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
+    if wq.float_target and wq.method == "gptq":
+        named["gptq_target"] = "float"
     return named if r4 else {**named, "r4": False}
 
 
@@ -225,6 +228,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "clip_search": wq.clip_search,
         "percdamp": wq.percdamp,
         "act_order": wq.act_order,
+        "gptq_target": "float" if wq.float_target and wq.method == "gptq" else "layer",
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

@@ -16,7 +16,8 @@ from spinquant.errors import SpinQuantError
 # lr 1.5 with cosine decay, 100 steps x 8 windows x 2048 tokens (800 windows); GPTQ on 128 x 2048 tokens; R4 online.
 RECIPES: dict[str, dict[str, Any]] = {
     "meta": {"rotations": "learned", "steps": 100, "batch_size": 8, "nsamples": None, "seqlen": 2048, "lr": 1.5,
-             "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "r4": "auto"},
+             "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "gptq_target": "layer",
+             "r4": "auto"},
 }
 RECIPE_TEXT = {"meta": "Meta's: W16A8KV16, cross-entropy, Cayley SGD lr 1.5 cosine, 100 steps x 8 x 2048 tokens, "
                        "GPTQ on 128 x 2048, R4 online"}

@@ -51,6 +51,7 @@ class CalibrateOptions:
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
+    gptq_target: str = "layer"  # layer: plain GPTQ; float: GPTQ fits the float model's outputs (quant/apply.py)
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -153,7 +154,8 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
         if target.scheme is None:
             write_float_rotated(model_src, rbin, tmp / "out")
         else:
-            quantize_to_run(model_src, str(tmp / "out"), target.scheme, WeightQuantConfig(method="gptq", clip_search=True),
+            quantize_to_run(model_src, str(tmp / "out"), target.scheme, WeightQuantConfig(method="gptq", clip_search=True,
+                                                                                 float_target=opts.gptq_target == "float"),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
                             r4=opts.r4 == "on")
@@ -224,7 +226,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
 
             m = copy.deepcopy(float_model)
             fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
-            quantize_model(m, target.scheme, WeightQuantConfig(), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
+            quantize_model(m, target.scheme, WeightQuantConfig(float_target=opts.gptq_target == "float"), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
             ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
             del m
     # residual-stream outliers before and after the learned rotation, on a few windows
@@ -350,6 +352,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["r4"]  # named only when off: runs made before the option existed keep their identity
     if identity["recipe"] is None:
         del identity["recipe"]  # likewise named only when given
+    if identity["gptq_target"] == "layer":
+        del identity["gptq_target"]  # likewise named only when not plain GPTQ
     identity["model"] = resolve_input(opts.model)
     identity["tokenizer"] = resolve_input(opts.tokenizer)
     identity["calib_data"] = resolve_input(opts.calib_data)

@@ -114,6 +114,13 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     assert ev.exit_code == 0, ev.output
     res = json.loads(ev.stdout.strip().splitlines()[-1])
     assert res["kl"] > 0 and 0 < res["top1"] <= 1
+    assert qc["gptq_target"] == "layer"
+    other = tmp_path / "run_float_target"  # --gptq-target float: recorded, and GPTQ picks other integers
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(other), "--calib-data", str(corpus_file),
+                                 "--nsamples", "4", "--seqlen", "64", "--gptq-target", "float"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((other / "quant_config.json").read_text())["gptq_target"] == "float"
+    assert not torch.equal(load_model(other).model.layers[1].self_attn.q_proj.qweight, load_model(out).model.layers[1].self_attn.q_proj.qweight)
 
 
 def test_w4a4kv4_rtn_run(tiny_model_dir, tmp_path):
@@ -231,3 +238,45 @@ def test_row_chunked_fusion_equals_whole(tiny_model, monkeypatch):
     chunked = fuse_and_rotate(untie_embeddings(copy.deepcopy(tiny_model)), rot)
     for (name, a), (_, b) in zip(whole.named_parameters(), chunked.named_parameters()):
         assert rel_diff(b, a) < 1e-6, name
+
+
+def test_float_target_least_squares_undoes_a_known_input_distortion():
+    """GPTQ's float target W* = W C H̃⁻¹ maps the distorted inputs x̃ = x M back onto the float outputs W x."""
+    from spinquant.quant.apply import CrossAccumulator, least_squares_target
+    from spinquant.quant.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    x_float = torch.randn(600, 16, generator=g)
+    m = torch.eye(16) + 0.2 * torch.randn(16, 16, generator=g)  # rows are tokens: x̃ = x M
+    x_quant = x_float @ m
+    acc, plain = CrossAccumulator(16), HessianAccumulator(16)
+    for part in range(0, 600, 250):  # uneven batches: the running normalisation must match
+        acc.add(x_float[part : part + 250], x_quant[part : part + 250])
+        plain.add(x_quant[part : part + 250])
+    assert torch.allclose(acc.h, plain.h, rtol=1e-5, atol=1e-6)
+    target = least_squares_target(w, acc.c, acc.h, percdamp=0.0)
+    assert torch.allclose(target, w @ torch.linalg.inv(m).T, rtol=1e-3, atol=1e-4)
+    assert rel_diff(x_quant @ target.T, x_float @ w.T) < 1e-4
+    undamped_same = least_squares_target(w, plain.h, plain.h, percdamp=0.0)  # no distortion: W itself
+    assert torch.allclose(undamped_same, w, atol=1e-4)
+
+
+def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):
+    """GPTQ with the float target fixes every quantized linear to integers, ExecuTorch's eager model agrees with it,
+    and it moves the weights off plain GPTQ's (the layers after the first see a different, float, target)."""
+    from spinquant.export import write_executorch_checkpoint
+
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    fused = untie_embeddings(copy.deepcopy(tiny_model))
+    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
+    plain = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq"), windows, progress=False)
+    model = quantize_model(fused, META_8DA4W, WeightQuantConfig(method="gptq", float_target=True), windows, progress=False)
+    ours = dict(quant_linears(model))
+    assert all(lin.weight_mode == "fixed" for lin in ours.values())
+    changed = [n for n, lin in quant_linears(plain) if not torch.equal(lin.qweight, ours[n].qweight)]
+    assert "model.layers.1.self_attn.q_proj" in changed and "lm_head" in changed
+    write_executorch_checkpoint(model, META_8DA4W, tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5

@@ -68,7 +68,10 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o3"), "--recipe", "meta",
                                  "--rotations", "hadamard"])
     _one_line_error(r, "--recipe meta sets --rotations learned")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
+                                 "--gptq-target", "float"])
+    _one_line_error(r, "--recipe meta sets --gptq-target layer, but --gptq-target float was given")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
     with pytest.raises(workflow.SpinQuantError, match="unknown recipe"):
         check_recipe("fast", {})
     opts = {**RECIPES["meta"], "recipe": "meta", "seed": 0, "learned": True, "r4": "on", "nsamples": 800}
@@ -102,6 +105,13 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     # learning into the same run is another run: refused, named
     r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--seed", "3")
     assert r.exit_code == 2 and "rotations" in r.output, r.output
+    # so is GPTQ with the float target; in its own directory it runs and is recorded
+    float_target = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target", "float")
+    r = _calibrate(tiny_model_dir, out, corpus_file, *float_target)
+    assert r.exit_code == 2 and "gptq_target" in r.output, r.output
+    r = _calibrate(tiny_model_dir, tmp_path / "run_float", corpus_file, *float_target)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run_float" / "quant_config.json").read_text())["gptq_target"] == "float"
 
 
 def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

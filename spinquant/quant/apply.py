@@ -5,10 +5,21 @@ from the already-quantized layers before it (weights and activations fake-quanti
 layer the linears are quantized in execution order ([q,k,v] -> o -> [gate,up] -> down, "true
 sequential"), so every Hessian sees the inputs the quantized model will really produce. Only one
 layer's Hessians are alive at a time. q/k/v (and gate/up) share one input, hence one Hessian.
+
+Float target (``WeightQuantConfig.float_target``): plain GPTQ makes each quantized linear reproduce
+its own float weight on the inputs it now receives, ``min ||(W - Q) X̃||`` with X̃ the quantized
+model's inputs; the error the earlier layers left in X̃ is kept. With the float target it reproduces
+the *float model's* output instead, ``min ||W X - Q X̃||`` (X: the float model's inputs to the same
+linear on the same tokens; the objective of GPTAQ, Li et al. 2025). That objective splits exactly:
+with the least-squares weight ``W* = W C H̃⁻¹`` (``C = X X̃ᵀ``, ``H̃ = X̃ X̃ᵀ``, both summed over the
+calibration tokens), ``||W X - Q X̃||² = ||W X - W* X̃||² + ||(W* - Q) X̃||²``, so GPTQ of W* on H̃
+solves it (the inverse is damped like GPTQ's). A float copy of the current decoder layer runs beside
+the quantized one to give X; one batch of both inputs is alive at a time.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +48,7 @@ class WeightQuantConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
+    float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
@@ -164,29 +176,137 @@ def _observe(lin: QuantLinear, acc: HessianAccumulator, stop: bool) -> None:
     lin.observer = observer
 
 
+def _capture_input(layer: nn.Module, lin: QuantLinear, inps: torch.Tensor, pos_emb) -> torch.Tensor:
+    """The exact matmul input of ``lin`` (inside ``layer``) for ``inps`` (batch, T, dim): (batch * T, in)."""
+    got: list[torch.Tensor] = []
+
+    def observer(x: torch.Tensor) -> None:
+        got.append(x.reshape(-1, x.shape[-1]).float())
+        raise _StopForward
+
+    lin.observer = observer
+    try:
+        layer(inps, attention_mask=None, position_embeddings=pos_emb)
+    except _StopForward:
+        pass
+    finally:
+        lin.observer = None
+    return got[0]
+
+
+class CrossAccumulator:
+    """Running H̃ = 2/n Σ x̃ x̃ᵀ and C = 2/n Σ x x̃ᵀ (float32, (in, in)) over paired rows x (float model's input)
+    and x̃ (quantized model's input) of the same tokens; H̃ is exactly what :class:`HessianAccumulator` gives."""
+
+    def __init__(self, n_features: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+        self.c = torch.zeros_like(self.h)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x_float: torch.Tensor, x_quant: torch.Tensor) -> None:
+        m = x_quant.shape[0]
+        keep = self.n / (self.n + m)
+        self.h.mul_(keep)
+        self.c.mul_(keep)
+        self.n += m
+        f = (2.0 / self.n) ** 0.5
+        self.h.addmm_((x_quant * f).T, x_quant * f)
+        self.c.addmm_((x_float * f).T, x_quant * f)
+
+
 @torch.no_grad()
-def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True) -> None:
-    """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring)."""
+def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W* = W (C + λI)(H̃ + λI)⁻¹ = W + W (C - H̃)(H̃ + λI)⁻¹ (shapes: w (out, in), c and h (in, in)).
+
+    The ridge solution of ``min ||W X - V X̃||² + λ ||V - W||²``: the damping pulls W* towards W, not towards 0
+    (a plain ridge ``W C (H̃ + λI)⁻¹`` shrinks W along every direction of little input variance, and after
+    rotation of a model with massive activations that is most directions). λ = percdamp x mean diag(H̃), as GPTQ
+    damps; with X̃ = X, W* = W whatever λ. Dead inputs (zero variance) keep W's columns.
+    """
+    h = h.double()
+    dead = torch.diag(h) == 0
+    damped = h.clone()
+    damped[dead, dead] = 1.0
+    damped.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    delta = w.double() @ (c.double() - h)  # W (C - H̃): zero where the quantized inputs equal the float ones
+    return (w.double() + torch.linalg.solve(damped, delta.T).T).to(w.dtype)  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
+
+
+def float_copy(layer: nn.Module) -> nn.Module:
+    """A copy of a (not yet quantized) decoder layer computing the float model: no activation or KV quantization
+    (R3 and R4 are exact rotations, so they may stay)."""
+    ref = copy.deepcopy(layer)
+    for mod in ref.modules():
+        if isinstance(mod, QuantLinear):
+            mod.a_bits = FLOAT
+            mod.observer = None
+    ref.self_attn.spinquant_kv_bits = FLOAT
+    return ref
+
+
+def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: torch.Tensor, finps: torch.Tensor,
+                             pos_emb, batch_size: int) -> CrossAccumulator:
+    """H̃ and C of the linear ``name`` of ``layer`` (quantized stream ``inps``) and ``ref`` (float stream ``finps``)."""
+    lin, ref_lin = _get(layer, name), _get(ref, name)
+    acc = CrossAccumulator(lin.in_features, inps.device)
+    for b in range(0, inps.shape[0], batch_size):
+        x_quant = _capture_input(layer, lin, inps[b : b + batch_size], pos_emb)
+        x_float = _capture_input(ref, ref_lin, finps[b : b + batch_size], pos_emb)
+        acc.add(x_float, x_quant)
+    return acc
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
+                        float_embedding: torch.Tensor | None = None) -> None:
+    """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring).
+
+    ``float_embedding`` (vocab, dim): the embedding before it was quantized, the start of the float stream
+    that ``cfg.float_target`` needs (the model's own embedding when not given)."""
     device = next(model.parameters()).device
     windows = windows.to(device)
     inps = torch.cat([model.model.embed_tokens(windows[b : b + cfg.batch_size]) for b in range(0, len(windows), cfg.batch_size)])
+    finps = None
+    if cfg.float_target:  # the float model's embedding (the quantized stream starts from the int8 embedding)
+        table = model.model.embed_tokens.weight if float_embedding is None else float_embedding.to(device)
+        finps = torch.nn.functional.embedding(windows, table)
     pos_ids = torch.arange(windows.shape[1], device=device)[None]
     pos_emb = model.model.rotary_emb(inps[:1], pos_ids)
     for i, layer in enumerate(tqdm(model.model.layers, desc="gptq", unit="layer", disable=not progress)):
+        ref = float_copy(layer) if cfg.float_target else None
         for group in SEQUENTIAL_GROUPS:
-            first = _get(layer, group[0])
-            acc = HessianAccumulator(first.in_features, device)
-            _observe(first, acc, stop=True)
-            _run_layer(layer, inps, pos_emb, cfg.batch_size)
-            first.observer = None
-            _gptq_linears([(f"model.layers.{i}.{name}", _get(layer, name)) for name in group], acc.h, cfg)
+            named = [(f"model.layers.{i}.{name}", _get(layer, name)) for name in group]
+            if ref is not None:
+                acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
+                for _, lin in named:
+                    if lin.w_bits < FLOAT:
+                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h, cfg.percdamp)
+            else:
+                first = _get(layer, group[0])
+                acc = HessianAccumulator(first.in_features, device)
+                _observe(first, acc, stop=True)
+                _run_layer(layer, inps, pos_emb, cfg.batch_size)
+                first.observer = None
+            _gptq_linears(named, acc.h, cfg)
             del acc
         inps = _run_layer(layer, inps, pos_emb, cfg.batch_size)
+        if ref is not None:
+            finps = _run_layer(ref, finps, pos_emb, cfg.batch_size)
+            del ref
     head = model.lm_head
     if head.w_bits < FLOAT:
-        acc = HessianAccumulator(head.in_features, device)
-        for b in range(0, inps.shape[0], cfg.batch_size):
-            acc.add(head.quantize_input(model.model.norm(inps[b : b + cfg.batch_size])))
+        norm = model.model.norm
+        if cfg.float_target:
+            acc = CrossAccumulator(head.in_features, device)
+            for b in range(0, inps.shape[0], cfg.batch_size):
+                acc.add(norm(finps[b : b + cfg.batch_size]).reshape(-1, head.in_features).float(),
+                        head.quantize_input(norm(inps[b : b + cfg.batch_size])).reshape(-1, head.in_features).float())
+            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.percdamp)
+        else:
+            acc = HessianAccumulator(head.in_features, device)
+            for b in range(0, inps.shape[0], cfg.batch_size):
+                acc.add(head.quantize_input(norm(inps[b : b + cfg.batch_size])))
         _gptq_linears([("lm_head", head)], acc.h, cfg)
 
 
@@ -196,11 +316,12 @@ def quantize_model(model: LlamaForCausalLM, scheme: QuantScheme, cfg: WeightQuan
     t0 = time.perf_counter()
     make_fake_quant(model, scheme)
     model.requires_grad_(False)
+    float_embedding = model.model.embed_tokens.weight.detach().clone() if cfg.float_target else None
     quantize_embedding(model, scheme, cfg.clip_search)
     if cfg.method == "gptq":
         if windows is None:
             raise ValueError("GPTQ needs calibration windows")
-        gptq_quantize_model(model, windows, cfg, progress)
+        gptq_quantize_model(model, windows, cfg, progress, float_embedding)
     elif cfg.method == "rtn":
         for _, lin in quant_linears(model):
             rtn_quantize_linear(lin, cfg.clip_search)
