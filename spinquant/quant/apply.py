@@ -13,8 +13,9 @@ the *float model's* output instead, ``min ||W X - Q X̃||`` (X: the float model'
 linear on the same tokens; the objective of GPTAQ, Li et al. 2025). That objective splits exactly:
 with the least-squares weight ``W* = W C H̃⁻¹`` (``C = X X̃ᵀ``, ``H̃ = X̃ X̃ᵀ``, both summed over the
 calibration tokens), ``||W X - Q X̃||² = ||W X - W* X̃||² + ||(W* - Q) X̃||²``, so GPTQ of W* on H̃
-solves it (the inverse is damped like GPTQ's). A float copy of the current decoder layer runs beside
-the quantized one to give X; one batch of both inputs is alive at a time.
+solves it (the damping pulls W* towards W). A float copy of the current decoder layer runs beside the
+quantized one to give X: the float stream's hidden states are one more copy of the calibration inputs, and the
+paired linear inputs are alive one batch at a time.
 """
 
 from __future__ import annotations
