@@ -20,6 +20,15 @@ from spinquant.quant.scheme import QuantScheme
 SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def result_path(out: Path, suffix: str) -> Path:
+    """``--out STEM`` + ``suffix`` (".json", ".md"). Not ``Path.with_suffix``: a stem like ``w4a4_cap0.05`` would lose
+    ``.05`` and two runs' results would land in the same file."""
+    name = out.name
+    for known in (".json", ".md"):
+        name = name.removesuffix(known)
+    return out.parent / (name + suffix)
+
+
 def quantized_copy(base: LlamaForCausalLM, rot: Rotations | None, scheme: QuantScheme, wq: WeightQuantConfig,
                    calib: torch.Tensor | None = None, device: torch.device | str = "cpu") -> LlamaForCausalLM:
     """A deep copy of ``base`` with norms fused and rotated by ``rot`` (None: left unrotated), fake-quantized

@@ -30,7 +30,7 @@ from spinquant.pipeline import export_run, quantize_to_run
 from spinquant.pte import PteModel
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W
-from _common import SHARED
+from _common import SHARED, result_path
 
 
 def decode_tokens_per_s(pte: PteModel, n: int = 128) -> float:
@@ -98,7 +98,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "export_ref"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), **rows}, indent=2))
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), **rows}, indent=2))
     r = rows
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Model: {Path(args.model).name}, rotations {args.rotations}, GPTQ+clip ({args.gptq_nsamples} x {args.seqlen} calibration tokens), "
@@ -112,7 +112,7 @@ def main() -> None:
              f"{r['fp32_pte_bytes'] / r['pte_bytes']:.2f}x. Decode speed ratio quantized/fp32: "
              f"{r['decode_tokens_per_s'] / r['fp32_decode_tokens_per_s']:.2f}x. Times (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -25,7 +25,7 @@ import torch
 
 from spinquant.models import load_model, untie_embeddings
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
-from _common import SHARED
+from _common import SHARED, result_path
 
 
 def llama_1b_shaped() -> torch.nn.Module:
@@ -84,7 +84,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"bench_learn_{device.type}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
              "| model | device | batch x seqlen (micro) | s/step | tokens/s | 100 steps (min, projected) | peak memory (GiB) |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -93,7 +93,7 @@ def main() -> None:
         kind = "GPU" if r["peak_gpu_gib"] is not None else "RSS"
         lines.append(f"| {r['model']} | {r['device']} | {r['batch']} x {r['seqlen']} ({r['micro_batch']}) | {r['s_per_step']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['projected_100_steps_min']:.1f} | {mem:.2f} ({kind}) |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -26,10 +26,11 @@ from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
 from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
+from spinquant.outliers import massive_channels
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
 from spinquant.rotation import LearnConfig, RotationLearner, plot_learning_curve, prepare_model
-from _common import SHARED, quantized_copy
+from _common import SHARED, quantized_copy, result_path
 
 
 def main() -> None:
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--learn-seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1.5)
+    ap.add_argument("--max-angle", type=float, default=None, help="cap on one Cayley step's rotation, radians (LearnConfig.max_angle)")
+    ap.add_argument("--freeze-massive", action="store_true", help="keep R1's rows of the massive channels (spinquant.outliers, "
+                    "found on 4 learning windows) at the Hadamard start (LearnConfig.frozen_channels)")
     ap.add_argument("--gptq-nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=1024, help="GPTQ and evaluation window length")
     ap.add_argument("--windows", type=int, default=40)
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="Skip the random Hadamard row of --seed (already measured: same seed, same numbers).")
     ap.add_argument("--no-r4", action="store_true", help="R1/R2 only, no online R4 before down_proj, in learning and "
                     "quantization (what a .pte holds when the intermediate size is not a power of two, e.g. SmolLM2)")
+    ap.add_argument("--gptq-target", choices=["layer", "float"], default="layer", help="GPTQ's target for every row: the "
+                    "layer's own output (plain) or the float model's (WeightQuantConfig.float_target)")
     ap.add_argument("--rtn", action="store_true", help="Also evaluate every rotation with RTN + range setting (no GPTQ).")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations_v2"))
     args = ap.parse_args()
@@ -73,7 +79,7 @@ def main() -> None:
     rows, curves = [], {}
 
     def quantized_eval(rot, scheme, method):
-        wq = WeightQuantConfig(method=method, clip_search=True)
+        wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float")
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
 
@@ -104,26 +110,30 @@ def main() -> None:
         a_bits, kv_bits = (4, 4) if target == "w4a4kv4" else (8, 16)
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
                           group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
-                          loss=loss, weight_quant=weight_quant, r4=not args.no_r4)
+                          loss=loss, weight_quant=weight_quant, r4=not args.no_r4, max_angle=args.max_angle,
+                          frozen_channels=massive_channels(base, learn_windows[:4]) if args.freeze_massive else ())
         learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
                                   teacher=copy.deepcopy(base) if loss == "kl" else None)
         learner.run()
         label = (f"W{wbits}A{a_bits}KV{kv_bits}" + (", GPTQ in the loop" if weight_quant == "gptq" else "")
-                 + (", KL loss" if loss == "kl" else ", CE loss"))
+                 + (", KL loss" if loss == "kl" else ", CE loss")
+                 + (f", step <= {args.max_angle} rad" if args.max_angle is not None else "")
+                 + (f", R1 rows of channels {list(cfg.frozen_channels)} frozen" if cfg.frozen_channels else ""))
         curves[f"{target} learned at {label}"] = learner.losses
         stem = f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
         plot_learning_curve(learner.losses, out.parent / f"{stem}_{out.name}.png", f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
-                   "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10})
+                   "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10,
+                   "step_angles": learner.angles})
 
     machine = f"{platform.node()} ({os.cpu_count()} CPU cores, torch {torch.__version__}, {device})"
     command = "python " + " ".join(sys.argv)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows,
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows,
                                                     "losses": curves}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
-             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip: {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
+             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]
@@ -132,7 +142,7 @@ def main() -> None:
         loss = f"{r['loss_first10']:.4f} -> {r['loss_last10']:.4f}" if "loss_first10" in r else "-"
         rtn = f"{r['rtn_kl']:.5f}" if "rtn_kl" in r else "-"
         lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {rtn} | {learn} | {loss} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

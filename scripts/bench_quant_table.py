@@ -32,8 +32,8 @@ from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evalu
 from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
-from spinquant.quant.scheme import META_8DA4W, W4A4KV4
-from _common import SHARED, quantized_copy
+from spinquant.quant.scheme import FLOAT, META_8DA4W, W4A4KV4, QuantScheme
+from _common import SHARED, quantized_copy, result_path
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4")
-    ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4")
+    ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4, w4a16")
     ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
                     "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
@@ -71,7 +71,8 @@ def main() -> None:
 
     record("float32", "-", "-", "-", base, 0.0)
     record("bf16", "-", "-", "-", copy.deepcopy(base).to(torch.bfloat16), 0.0)
-    schemes = {"8da4w": ("8da4w (Meta)", META_8DA4W), "w4a4kv4": ("W4A4KV4", W4A4KV4)}
+    schemes = {"8da4w": ("8da4w (Meta)", META_8DA4W), "w4a4kv4": ("W4A4KV4", W4A4KV4),
+               "w4a16": ("W4A16 (weight-only: the Vulkan target)", QuantScheme(a_bits=FLOAT, output_a_bits=FLOAT))}
     methods = {"rtn": ("rtn", False, False, "RTN"), "rtn+clip": ("rtn", True, False, "RTN+clip"),
                "gptq+clip": ("gptq", True, False, "GPTQ+clip"), "gptq-float+clip": ("gptq", True, True, "GPTQ float target+clip")}
     for scheme_name, scheme in (schemes[k] for k in args.schemes.split(",")):
@@ -88,7 +89,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows}, indent=2))
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args), "rows": rows}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Evaluation: WikiText-2 test, first {windows.shape[0]} windows of {args.seqlen} tokens ({windows.shape[0] * (args.seqlen - 1)} "
              f"predicted tokens); KL(float32 || model) in nats/token; GPTQ calibration: {args.nsamples} x {args.seqlen} tokens of "
@@ -97,7 +98,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['scheme'] if r['scheme'] != '-' else r['setting']} | {r['rotation']} | {r['method']} | {r['ppl']:.2f} | "
                      f"{r['kl']:.4f} | {100 * r['top1']:.2f}% | {r['quantize_s']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -35,7 +35,7 @@ from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig, rtn_quantize_linear
 from spinquant.quant.fake_quant import make_fake_quant, quant_linears
 from spinquant.quant.scheme import FLOAT, QuantScheme
-from _common import SHARED, quantized_copy
+from _common import SHARED, quantized_copy, result_path
 
 FLOAT_REST = dict(output_w_bits=FLOAT, output_a_bits=FLOAT, embedding_bits=FLOAT)
 
@@ -121,14 +121,14 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args),
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args),
                                                     "rows": [{"quantized": a, "learned rotation reaches": b, "kl": c} for a, b, c in rows]}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Random Hadamard rotation (seed {args.seed}; R4 too unless a row says otherwise), RTN without range setting, everything else float; KL(float32 || model) "
              f"in nats/token on the first {windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test.", "",
              "| quantized | reached by the learned rotations | KL |", "|---|---|---:|"]
     lines += [f"| {a} | {b} | {c:.4f} |" for a, b, c in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -33,26 +33,8 @@ from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W
-from _common import SHARED, quantized_copy
-
-
-def channel_absmax(model, windows: torch.Tensor) -> torch.Tensor:
-    """(layers, dim): max |h| per channel of each decoder layer's residual-stream input over ``windows``."""
-    out = torch.zeros(len(model.model.layers), model.config.hidden_size)
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def hook(_mod, args, kwargs, i=i):
-            x = args[0] if args else kwargs["hidden_states"]
-            out[i] = torch.maximum(out[i], x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float())
-        hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for w in windows:
-                model(w[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+from spinquant.outliers import channel_absmax, massive_channels
+from _common import SHARED, quantized_copy, result_path
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -93,7 +75,7 @@ def main() -> None:
                                                seed=args.seed), tok)
     absmax = channel_absmax(base, calib[:4]).amax(0)
     ratio = absmax / absmax.median()
-    massive = [int(j) for j in torch.argsort(ratio, descending=True) if ratio[j] >= args.ratio]
+    massive = massive_channels(base, calib[:4], args.ratio)
     print(f"massive channels (max |h| / median channel): {[(j, round(float(ratio[j]), 1)) for j in massive]}", flush=True)
 
     windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
@@ -119,7 +101,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args),
+    result_path(out, ".json").write_text(json.dumps({"command": command, "machine": machine, "args": vars(args),
                                                     "massive_channels": {j: float(ratio[j]) for j in massive},
                                                     "rows": rows}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
@@ -130,7 +112,7 @@ def main() -> None:
              f"{args.seqlen} tokens of {Path(args.calib_data).name}.", "",
              "| R1 | method | PPL | KL | top-1 |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['r1']} | {r['method']} | {r['ppl']:.2f} | {r['kl']:.4f} | {100 * r['top1']:.2f}% |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result_path(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

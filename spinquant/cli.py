@@ -247,6 +247,11 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
                    f"{v['max_rel_logit_diff']:.2e}")
 
 
+MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vector (scaled by the cosine schedule); steps "
+                  "that would turn further are shortened. For real models with massive activations, whose rare huge "
+                  "gradients throw a plain step off [default: no cap, Meta's plain step].")
+
+
 @cli.command("learn-rotations")
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, help="Directory for R.bin, losses and the learning state (a re-run with the same options resumes).")
@@ -256,6 +261,7 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
 @click.option("--momentum", default=0.0, show_default=True, help="Cayley SGD momentum.")
+@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP)
 @click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
 @click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
 @click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16).")
@@ -274,15 +280,15 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 @overwrite_option
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
-                        momentum, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, r4, device,
-                        tokenizer_src, overwrite) -> None:
+                        momentum, max_angle, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, r4,
+                        device, tokenizer_src, overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=r4)
+                      save_every=save_every, r4=r4, max_angle=max_angle)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
@@ -318,6 +324,7 @@ def _target_help() -> str:
 @click.option("--batch-size", default=8, show_default=True, help="Windows per learning step.")
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward pass (gradient accumulation up to --batch-size; raise it on a large GPU).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
+@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP)
 @click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
 @click.option("--learn-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
               help="Learning objective: ce = cross-entropy on the text (Meta's), kl = KL divergence to the float model.")

@@ -464,7 +464,10 @@ def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dic
 
     from spinquant.outputs import resolve_input
 
-    config = {k: v for k, v in asdict(cfg).items() if k != "save_every" and not (k == "r4" and v)}  # r4 named when off
+    # options added later are named only when set (r4 when off), so outputs made before them keep resuming
+    unset = {"r4": True, "max_angle": None, "frozen_channels": ()}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+              if k != "save_every" and not (k in unset and v == unset[k])}
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
 
 

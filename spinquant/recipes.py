@@ -17,7 +17,7 @@ from spinquant.errors import SpinQuantError
 RECIPES: dict[str, dict[str, Any]] = {
     "meta": {"rotations": "learned", "steps": 100, "batch_size": 8, "nsamples": None, "seqlen": 2048, "lr": 1.5,
              "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "gptq_target": "layer",
-             "r4": "auto"},
+             "max_angle": None, "r4": "auto"},
 }
 RECIPE_TEXT = {"meta": "Meta's: W16A8KV16, cross-entropy, Cayley SGD lr 1.5 cosine, 100 steps x 8 x 2048 tokens, "
                        "GPTQ on 128 x 2048, R4 online"}
@@ -47,6 +47,6 @@ def check_recipe(recipe: str | None, options: dict[str, Any]) -> None:
             continue
         if name == "r4" and given == "on":
             continue
-        shown = "steps x batch size" if value is None else value
+        shown = value if value is not None else {"nsamples": "steps x batch size"}.get(name, "none (Meta's plain step)")
         raise SpinQuantError(f"--recipe {recipe} sets {_flag(name)} {shown}, but {_flag(name)} {given} was given: drop "
                              f"{_flag(name)} to run the recipe, or drop --recipe {recipe} to run your own setting")

@@ -79,6 +79,11 @@ class LearnConfig:
     weight_quant: str = "rtn"  # int4 weights in the loop (w_bits < 16): "rtn", or "gptq" (see rotation_gptq.py)
     gptq_windows: int = 64  # calibration windows whose inputs give the in-the-loop GPTQ Hessians
     r4: bool = True  # the online Hadamard before down_proj (off where the exported model cannot run it)
+    max_angle: float | None = None  # radians: cap on how far one step may turn any vector (see bound_step_angles)
+    frozen_channels: tuple[int, ...] = ()  # residual channels whose R1 rows stay at the start (see freeze_rows)
+
+    def __post_init__(self) -> None:
+        self.frozen_channels = tuple(int(c) for c in self.frozen_channels)  # from JSON/YAML lists too
 
     def scheme(self) -> QuantScheme:
         """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
@@ -96,6 +101,9 @@ class LearnConfig:
         if self.weight_quant == "gptq" and self.w_bits >= FLOAT:
             raise SpinQuantError("GPTQ in the learning loop needs int4/int8 weights while learning: set --w-bits 4 "
                                  "(calibrate: --learn-w-bits 4)")
+        if self.max_angle is not None and not 0 < self.max_angle < 3.0:
+            raise SpinQuantError(f"--max-angle {self.max_angle}: the cap on one step's rotation angle must be in (0, 3) "
+                                 f"radians (0.02-0.2 is useful)")
         if self.loss not in ("ce", "kl"):
             raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
@@ -143,6 +151,10 @@ class RotationLearner:
         self.windows = windows
         config = model.config
         self.n_layers, self.hd = config.num_hidden_layers, head_dim(config)
+        bad = [c for c in cfg.frozen_channels if not 0 <= c < config.hidden_size]
+        if bad:
+            raise SpinQuantError(f"frozen channels {bad} are not residual channels of this model (hidden size "
+                                 f"{config.hidden_size})")
         names = ["lm_head.weight"] + [f"model.layers.{i}.{n}.weight" for i in range(self.n_layers) for n in READERS + WRITERS]
         params = dict(model.named_parameters())
         self.base = {n: params[n].detach().float() for n in names}
@@ -159,6 +171,7 @@ class RotationLearner:
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
         self.step = 0
         self.losses: list[float] = []
+        self.angles: list[list[float]] = []  # per step: [R1's angle, largest R2 angle] the gradient step asked for
         self.seconds = 0.0
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
@@ -175,7 +188,7 @@ class RotationLearner:
     # --- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "r1": self.r1.detach().cpu(), "r2": self.r2.detach().cpu(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg),
+                "sched": self.sched.state_dict(), "losses": self.losses, "angles": self.angles, "seconds": self.seconds, "config": asdict(self.cfg),
                 "windows_digest": _digest(self.windows)}
 
     def save_state(self) -> None:
@@ -197,7 +210,7 @@ class RotationLearner:
                                  f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
         if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
             raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
-        saved = {"r4": True, **st["config"]}  # states saved before the r4 option learned with R4
+        saved = {"r4": True, "max_angle": None, "frozen_channels": (), **st["config"]}  # states saved before these options existed
         if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")
@@ -207,6 +220,7 @@ class RotationLearner:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step, self.losses, self.seconds = st["step"], list(st["losses"]), st["seconds"]
+        self.angles = [list(a) for a in st.get("angles", [])]
         return True
 
     # --- learning ------------------------------------------------------------------------------
@@ -300,6 +314,11 @@ class RotationLearner:
         """One Riemannian SGD step on the next batch; returns its loss."""
         t = time.perf_counter()
         total = self.accumulate_gradients(self._batch(self.step))
+        if self.cfg.frozen_channels:
+            freeze_rows(self.r1, list(self.cfg.frozen_channels))
+        lr = self.opt.param_groups[0]["lr"]
+        cap = None if self.cfg.max_angle is None else self.cfg.max_angle * lr / self.cfg.lr  # the cap follows the schedule
+        self.angles.append([bound_step_angles(p, lr, cap) for p in (self.r1, self.r2)])
         self.opt.step()
         self.sched.step()
         self.step += 1
@@ -329,6 +348,54 @@ class RotationLearner:
             if not err < ORTHOGONALITY_TOL:
                 raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
         return Rotations(r1=r1, r2=r2, r4=self.cfg.r4)
+
+
+@torch.no_grad()
+def freeze_rows(p: torch.Tensor, rows: list[int]) -> None:
+    """Project ``p.grad`` (R1's Euclidean gradient, R1 (n, n) orthogonal) so that the coming Cayley step leaves the
+    rows ``rows`` of R1 unchanged: residual channel c enters every reader as h @ R1, so its image stays row c of R1.
+
+    geoopt's step turns R1 on the left by Cayley(A), A = -2·lr·S with S = G R1ᵀ - R1 Gᵀ. Zeroing S's rows and columns
+    ``rows`` gives Cayley(A) e_c = e_c, and G' = S R1 / 2 is a gradient whose S is exactly that projection."""
+    if p.grad is None or not rows:
+        return
+    x = p.detach()
+    s = p.grad @ x.T - x @ p.grad.T
+    s[rows, :] = 0
+    s[:, rows] = 0
+    p.grad = s @ x / 2
+
+
+def step_angles(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """The largest angle (radians) by which a plain Cayley SGD step turns any vector, per matrix.
+
+    x (..., n, n) orthogonal, grad (..., n, n) its Euclidean gradient. geoopt's CanonicalStiefel step multiplies x on
+    the left by the Cayley transform (I - A/2)⁻¹ (I + A/2) of the skew matrix A = u xᵀ - x uᵀ, u = -lr · rgrad(x, grad);
+    A's eigenvalues are ±iσ (σ its singular values), and the transform turns the plane of each pair by 2·atan(σ/2).
+    Returns shape x.shape[:-2]."""
+    u = -lr * geoopt.CanonicalStiefel().egrad2rgrad(x, grad)
+    a = u @ x.transpose(-1, -2) - x @ u.transpose(-1, -2)
+    return 2 * torch.atan(torch.linalg.matrix_norm(a, ord=2) / 2)
+
+
+@torch.no_grad()
+def bound_step_angles(p: torch.Tensor, lr: float, cap: float | None) -> float:
+    """Scale ``p.grad`` (in place) so that no matrix of ``p`` (one R1, or each layer's R2) turns by more than ``cap``
+    radians in the coming step; returns the largest angle the unscaled step would have taken.
+
+    Why: on real models a few calibration batches give gradients orders of magnitude above the rest (the tokens that
+    carry massive activations, |x| ~ 10⁴), and a plain step of Meta's lr then throws the rotation far off (SmolLM2-135M
+    at W16A4KV4: KL 0.58 -> 3.4 after one step at lr 1.5). Capping the angle keeps the step's direction and bounds
+    its size in the one unit that means the same for every model and loss. Hand-written: geoopt's optimisers have no
+    step-size control beyond lr."""
+    if p.grad is None:
+        return 0.0
+    angles = step_angles(p.detach(), p.grad, lr)
+    if cap is not None:
+        # σ ↦ 2·atan(σ/2) is increasing, so scaling A (linear in grad) by tan(cap/2)/tan(angle/2) lands on the cap
+        scale = torch.where(angles > cap, torch.tan(torch.tensor(cap / 2)) / torch.tan(angles / 2), torch.ones_like(angles))
+        p.grad.mul_(scale[..., None, None])
+    return float(angles.max())
 
 
 def _digest(windows: torch.Tensor) -> str:
@@ -366,7 +433,7 @@ def write_outputs(learner: RotationLearner, out: Path, extra: dict[str, Any] | N
     rot = learner.rotations()
     save_rbin(rot, out / "R.bin")
     tokens = learner.cfg.batch_size * learner.windows.shape[1]
-    summary = {"losses": learner.losses, "steps": learner.step, "seconds": learner.seconds,
+    summary = {"losses": learner.losses, "step_angles": learner.angles, "steps": learner.step, "seconds": learner.seconds,
                "steps_per_s": learner.step / learner.seconds if learner.seconds else None,
                "tokens_per_s": learner.step * tokens / learner.seconds if learner.seconds else None,
                "config": asdict(learner.cfg), "orthogonality_error": {"R1": orthogonality_error(rot.r1),

@@ -47,6 +47,7 @@ class CalibrateOptions:
     batch_size: int = 8
     micro_batch: int = 1
     lr: float = 1.5
+    max_angle: float | None = None  # radians: cap on one Cayley step's rotation (spinquant.rotation.bound_step_angles)
     learn_w_bits: int = 16
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
@@ -158,7 +159,7 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
                                                                                  float_target=opts.gptq_target == "float"),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
-                            r4=opts.r4 == "on")
+                            r4=opts.r4 == "on", max_angle=opts.max_angle)
         run.move_in(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -342,7 +343,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
-                            r4=opts.r4 == "on")
+                            r4=opts.r4 == "on", max_angle=opts.max_angle)
     nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
     config = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
@@ -354,6 +355,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["recipe"]  # likewise named only when given
     if identity["gptq_target"] == "layer":
         del identity["gptq_target"]  # likewise named only when not plain GPTQ
+    if identity["max_angle"] is None:
+        del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)
     identity["tokenizer"] = resolve_input(opts.tokenizer)
     identity["calib_data"] = resolve_input(opts.calib_data)

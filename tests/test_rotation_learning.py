@@ -82,9 +82,10 @@ def test_resume_equals_uninterrupted(tiny_model_dir, corpus_file, tmp_path):
     assert full["finished"] and full["resumed_from"] == 0
     part = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed", stop_after=5)  # "killed" after step 5
     assert not part["finished"] and not (tmp_path / "resumed" / "R.bin").exists()
-    state_file = tmp_path / "resumed" / "learn_state.pt"  # as saved before the r4 option existed: it still resumes
+    state_file = tmp_path / "resumed" / "learn_state.pt"  # as saved before r4, max_angle, angles existed: it still resumes
     state = torch.load(state_file, weights_only=True)
-    assert state["config"].pop("r4") is True
+    assert state["config"].pop("r4") is True and state["config"].pop("max_angle") is None
+    assert len(state.pop("angles")) == 5
     torch.save(state, state_file)
     rest = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed")
     assert rest["finished"] and rest["resumed_from"] == 5
@@ -98,6 +99,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, corpus_file, tmp_path):
     assert orthogonality_error(a.r1) < 1e-4 and max(orthogonality_error(m) for m in a.r2) < 1e-4
     curve = json.loads((tmp_path / "full" / "losses.json").read_text())
     assert len(curve["losses"]) == 10 and (tmp_path / "full" / "learning_curve.png").stat().st_size > 1000
+    assert len(curve["step_angles"]) == 10 and all(a > 0 for step in curve["step_angles"] for a in step)
 
 
 def test_cli_learn_then_quantize_with_learned_rotations(tiny_model_dir, corpus_file, tmp_path):
@@ -233,3 +235,89 @@ def test_cli_gptq_in_the_loop_and_its_bad_input(tiny_model_dir, corpus_file, tmp
     summary = json.loads((tmp_path / "ok" / "losses.json").read_text())
     assert summary["config"]["weight_quant"] == "gptq" and summary["config"]["loss"] == "kl" and len(summary["losses"]) == 2
     assert orthogonality_error(load_rbin(tmp_path / "ok" / "R.bin").r1) < 1e-4
+
+
+def _turn_angle(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The largest angle (radians) by which Q = after beforeᵀ turns any vector, per matrix of a batch."""
+    q = (after.double() @ before.double().transpose(-1, -2))
+    return torch.linalg.eigvals(q).angle().abs().amax(-1)
+
+
+def test_step_angle_cap_bounds_the_cayley_step_and_keeps_its_direction():
+    """step_angles predicts the turn geoopt's Cayley step really takes; bound_step_angles shortens the steps of the
+    matrices above the cap to exactly the cap (direction kept), and leaves the others' steps unchanged."""
+    import geoopt
+
+    from spinquant.rotation import bound_step_angles, step_angles
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.linalg.qr(torch.randn(3, 12, 12, generator=g, dtype=torch.float64))[0]
+    grad = torch.randn(3, 12, 12, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)[:, None, None]
+    lr, cap = 0.5, 0.3
+
+    def step(grad_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = geoopt.ManifoldParameter(x0.clone(), manifold=geoopt.CanonicalStiefel())
+        p.grad = grad_.clone()
+        asked = bound_step_angles(p, lr, None)
+        geoopt.optim.RiemannianSGD([p], lr=lr, stabilize=None).step()
+        return p.detach(), asked
+
+    plain, asked = step(grad)
+    predicted = step_angles(x0, grad, lr)
+    assert torch.allclose(_turn_angle(x0, plain), predicted, atol=1e-9) and asked == pytest.approx(predicted.max().item())
+    assert predicted[0] < cap < predicted[1] < predicted[2]  # one step below the cap, two above
+
+    p = geoopt.ManifoldParameter(x0.clone(), manifold=geoopt.CanonicalStiefel())
+    p.grad = grad.clone()
+    assert bound_step_angles(p, lr, cap) == pytest.approx(predicted.max().item())  # reports the unbounded angle
+    geoopt.optim.RiemannianSGD([p], lr=lr, stabilize=None).step()
+    turned = _turn_angle(x0, p.detach())
+    assert torch.allclose(turned, torch.stack([predicted[0], torch.tensor(cap, dtype=torch.float64), torch.tensor(cap, dtype=torch.float64)]), atol=1e-9)
+    assert torch.allclose(p.detach()[0], plain[0], atol=1e-12)  # below the cap: the plain step
+    assert orthogonality_error(p.detach()[2]) < 1e-9
+    # same direction: the capped step's Cayley generator A = 2 (Q - I)(Q + I)⁻¹ is a positive multiple of the plain one's
+    eye = torch.eye(12, dtype=torch.float64)
+    gen = lambda x: 2 * (x @ x0[2].T - eye) @ torch.linalg.inv(x @ x0[2].T + eye)  # noqa: E731
+    a, b = gen(p.detach()[2]), gen(plain[2])
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 1 - 1e-6
+
+
+def test_max_angle_is_checked_and_reaches_calibrate_and_learn_rotations(tiny_model_dir, corpus_file, tmp_path):
+    with pytest.raises(Exception, match="max-angle 5.0"):
+        LearnConfig(max_angle=5.0).check()
+    out = tmp_path / "rot"
+    r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(tiny_model_dir), "--out", str(out), "--calib-data",
+                                 str(corpus_file), "--steps", "3", "--batch-size", "2", "--seqlen", "48", "--lr", "20",
+                                 "--max-angle", "0.01"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "losses.json").read_text())
+    assert summary["config"]["max_angle"] == 0.01
+    assert max(a for step in summary["step_angles"] for a in step) > 0.01  # lr 20 asks for more than the cap...
+    start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
+    moved = _turn_angle(start.r1, load_rbin(out / "R.bin").r1)
+    assert 0 < moved <= 3 * 0.01 + 1e-6  # ...and three capped steps turned R1 by at most 3 x the cap
+
+
+def test_frozen_channels_keep_their_r1_rows_while_the_rest_learns(tiny_model):
+    """freeze_rows: the Cayley step leaves R1's rows of the frozen residual channels exactly at the start (their
+    images h @ R1 stay the Hadamard rows) and still turns the others; massive_channels finds a planted channel."""
+    from spinquant.outliers import massive_channels
+
+    untie_embeddings(tiny_model)
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = LearnConfig(steps=3, batch_size=2, micro_batch=2, lr=1.5, w_bits=4, frozen_channels=[3, 17], max_angle=0.5)
+    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+    start = learner.r1.detach().clone()
+    learner.run()
+    r1 = learner.r1.detach()
+    assert torch.allclose(r1[[3, 17]], start[[3, 17]], atol=1e-6)
+    others = [j for j in range(r1.shape[0]) if j not in (3, 17)]
+    assert (r1[others] - start[others]).abs().max() > 1e-3 and orthogonality_error(r1) < 1e-5
+    with pytest.raises(Exception, match="not residual channels"):
+        RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows,
+                        LearnConfig(steps=1, batch_size=2, micro_batch=2, frozen_channels=(64,)), torch.device("cpu"), progress=False)
+    # a channel made massive (the final norm ignores it, the next layer's input carries it) is found, alone
+    with torch.no_grad():
+        tiny_model.model.layers[0].mlp.down_proj.weight[5] *= 0
+        tiny_model.model.layers[0].mlp.down_proj.weight[5, :] += 300.0
+    assert massive_channels(tiny_model, windows[:2]) == [5]

@@ -71,12 +71,17 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
                                  "--gptq-target", "float"])
     _one_line_error(r, "--recipe meta sets --gptq-target layer, but --gptq-target float was given")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o5"), "--recipe", "meta",
+                                 "--max-angle", "0.05"])
+    _one_line_error(r, "--recipe meta sets --max-angle none (Meta's plain step), but --max-angle 0.05 was given")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
     with pytest.raises(workflow.SpinQuantError, match="unknown recipe"):
         check_recipe("fast", {})
     opts = {**RECIPES["meta"], "recipe": "meta", "seed": 0, "learned": True, "r4": "on", "nsamples": 800}
     md = render_markdown({"model": "m", "target": "t", "options": opts})
     assert "Recipe **meta** (Meta's: W16A8KV16, cross-entropy" in md and "100 steps x 8 x 2048 tokens" in md
+    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float"}})
+    assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target on 128 x 2048" in md
 
 
 def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

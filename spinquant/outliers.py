@@ -1,0 +1,41 @@
+"""Massive activations: the few residual-stream channels of a pretrained model that reach |h| ~ 10³-10⁴.
+
+Real pretrained Llamas (SmolLM2-135M: channel 507, 283x the median channel's max) carry them on a few tokens; models
+trained briefly (the shared 25M model) have none. The rotation learner can keep the rows of R1 that map them fixed
+(``LearnConfig.frozen_channels``): a Hadamard row spreads such a channel evenly over all channels, which per-token
+activation quantization represents best, and most of the learning gradient points at turning exactly those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASSIVE_RATIO = 50.0  # a channel is massive when its max |h| is this many times the median channel's
+
+
+@torch.no_grad()
+def channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """(layers, dim): max |h| per channel of each decoder layer's residual-stream input over ``windows`` (n, seqlen)."""
+    out = torch.zeros(len(model.model.layers), model.config.hidden_size)
+    device = next(model.parameters()).device
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(_mod, args, kwargs, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            out[i] = torch.maximum(out[i], x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu())
+        hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for w in windows:
+            model(w[None].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def massive_channels(model: torch.nn.Module, windows: torch.Tensor, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """Residual channels whose max |h| over all layers and ``windows`` is >= ``ratio`` x the median channel's,
+    largest first (the original model, before rotation)."""
+    absmax = channel_absmax(model, windows).amax(0)
+    rel = absmax / absmax.median()
+    return [int(j) for j in torch.argsort(rel, descending=True) if rel[j] >= ratio]
