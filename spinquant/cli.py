@@ -248,8 +248,8 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 
 
 MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vector (scaled by the cosine schedule); steps "
-                  "that would turn further are shortened. For real models with massive activations, whose rare huge "
-                  "gradients throw a plain step off [default: no cap, Meta's plain step].")
+                  "that would turn further are shortened, keeping their direction. For real models with massive "
+                  "activations, whose gradients ask for turns of ~2 rad at lr 1.5 and throw a plain step off.")
 
 
 @cli.command("learn-rotations")
@@ -261,7 +261,7 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
 @click.option("--momentum", default=0.0, show_default=True, help="Cayley SGD momentum.")
-@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP)
+@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " [default: no cap, Meta's plain step].")
 @click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
 @click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
 @click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16).")
@@ -324,16 +324,16 @@ def _target_help() -> str:
 @click.option("--batch-size", default=8, show_default=True, help="Windows per learning step.")
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward pass (gradient accumulation up to --batch-size; raise it on a large GPU).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP)
+@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " 0: no cap [default: 0.05; 0 with --recipe meta].")
 @click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
 @click.option("--learn-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
               help="Learning objective: ce = cross-entropy on the text (Meta's), kl = KL divergence to the float model.")
 @click.option("--learn-weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="With --learn-w-bits 4: int4 weights in the loop by round-to-nearest or by GPTQ of the current rotation.")
 @click.option("--gptq-nsamples", default=128, show_default=True, help="Calibration windows for GPTQ (and range setting).")
-@click.option("--gptq-target", type=click.Choice(["layer", "float"]), default="layer", show_default=True,
+@click.option("--gptq-target", type=click.Choice(["layer", "float"]), default=None,
               help="GPTQ fits each linear's own output (layer) or the float model's (float: later layers absorb earlier errors; "
-                   "SmolLM2 8da4w KL -19%, 2.2x GPTQ time; see README Results).")
+                   "SmolLM2 8da4w KL -19%, 2.2x GPTQ time; see README Results) [default: float; layer with --recipe meta].")
 @click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
                    "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")

@@ -33,7 +33,9 @@ RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_had
 
 @dataclass
 class CalibrateOptions:
-    """Every option of ``spinquant calibrate``; defaults reproduce Meta's Llama 3.2 SpinQuant recipe."""
+    """Every option of ``spinquant calibrate``. The defaults are Meta's Llama 3.2 SpinQuant recipe except for the options
+    left None here, which calibrate resolves (spinquant.recipes.unset_values): Cayley steps capped at 0.05 rad and GPTQ
+    fitting the float model, unless ``--recipe meta`` (plain steps, plain GPTQ)."""
 
     model: str
     out: str | None = None
@@ -47,12 +49,12 @@ class CalibrateOptions:
     batch_size: int = 8
     micro_batch: int = 1
     lr: float = 1.5
-    max_angle: float | None = None  # radians: cap on one Cayley step's rotation (spinquant.rotation.bound_step_angles)
+    max_angle: float | None = None  # radians: cap on one Cayley step's turn (rotation.bound_step_angles); 0: no cap; None: default
     learn_w_bits: int = 16
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
-    gptq_target: str = "layer"  # layer: plain GPTQ; float: GPTQ fits the float model's outputs (quant/apply.py)
+    gptq_target: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -159,7 +161,7 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
                                                                                  float_target=opts.gptq_target == "float"),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
-                            r4=opts.r4 == "on", max_angle=opts.max_angle)
+                            r4=opts.r4 == "on")
         run.move_in(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,12 +323,15 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     """
     from spinquant.atomic import remove_stale_partials
     from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
-    from spinquant.recipes import check_recipe
+    from spinquant.recipes import check_recipe, unset_values
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
 
     target = get_target(opts.target)
     check_recipe(opts.recipe, asdict(opts))
+    for name, value in unset_values(opts.recipe, asdict(opts)).items():
+        setattr(opts, name, value)
+    opts.max_angle = opts.max_angle or None  # 0: no cap, recorded as None (Meta's plain step)
     if opts.rotations not in ("learned", "hadamard"):
         raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
                              f"(the seeded random Hadamard, no learning)")

@@ -46,17 +46,26 @@ def test_calibrate_run_directory(calibrated):
     assert len(rep["learning"]["losses"]) == 3 and set(rep["stage_seconds"]) >= {"learn", "quantize", "export"}
     md = (calibrated / "report.md").read_text()
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
-    assert "W16A8KV16, ce loss, lr 1.5, 3 steps x 2 x 64 tokens; GPTQ on 4 x 64; R4 online" in md and "Recipe" not in md
+    # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
+    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float"
+    assert json.loads((calibrated / "quant_config.json").read_text())["gptq_target"] == "float"
+    assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
+            "as target on 4 x 64; R4 online") in md and "Recipe" not in md
+    assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
 
 def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     from dataclasses import asdict
 
-    from spinquant.recipes import RECIPES, check_recipe
+    from spinquant.recipes import DEFAULTS, RECIPES, check_recipe, unset_values
     from spinquant.report import render_markdown
 
-    # today's defaults are Meta's recipe, so --recipe meta alone is accepted (and says so in the report)
+    # the defaults are Meta's recipe but for the options left unset (None), which take the recipe's values under
+    # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
+    assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "max_angle": 0.0}
+    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {"gptq_target": "float", "max_angle": 0.05}
+    assert unset_values(None, {"gptq_target": "layer", "max_angle": None}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
@@ -73,7 +82,7 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     _one_line_error(r, "--recipe meta sets --gptq-target layer, but --gptq-target float was given")
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o5"), "--recipe", "meta",
                                  "--max-angle", "0.05"])
-    _one_line_error(r, "--recipe meta sets --max-angle none (Meta's plain step), but --max-angle 0.05 was given")
+    _one_line_error(r, "--recipe meta sets --max-angle 0.0, but --max-angle 0.05 was given")
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
     with pytest.raises(workflow.SpinQuantError, match="unknown recipe"):
         check_recipe("fast", {})
@@ -110,13 +119,15 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     # learning into the same run is another run: refused, named
     r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--seed", "3")
     assert r.exit_code == 2 and "rotations" in r.output, r.output
-    # so is GPTQ with the float target; in its own directory it runs and is recorded
-    float_target = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target", "float")
-    r = _calibrate(tiny_model_dir, out, corpus_file, *float_target)
+    # so is plain GPTQ (the default fits the float model); in its own directory it runs and is recorded
+    assert json.loads((out / "quant_config.json").read_text())["gptq_target"] == "float"
+    plain = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target", "layer")
+    r = _calibrate(tiny_model_dir, out, corpus_file, *plain)
     assert r.exit_code == 2 and "gptq_target" in r.output, r.output
-    r = _calibrate(tiny_model_dir, tmp_path / "run_float", corpus_file, *float_target)
+    r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain)
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "run_float" / "quant_config.json").read_text())["gptq_target"] == "float"
+    assert json.loads((tmp_path / "run_layer" / "quant_config.json").read_text())["gptq_target"] == "layer"
+    assert (load_rbin(tmp_path / "run_layer" / "R.bin").r1 == got.r1).all()  # same rotation, other quantizer
 
 
 def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
