@@ -103,7 +103,7 @@ class LearnConfig:
                                  "(calibrate: --learn-w-bits 4)")
         if self.max_angle is not None and not 0 < self.max_angle < 3.0:
             raise SpinQuantError(f"--max-angle {self.max_angle}: the cap on one step's rotation angle must be in (0, 3) "
-                                 f"radians (0.02-0.2 is useful)")
+                                 f"radians (0.02-0.2 is useful; calibrate --max-angle 0 means no cap)")
         if self.loss not in ("ce", "kl"):
             raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
@@ -383,9 +383,10 @@ def bound_step_angles(p: torch.Tensor, lr: float, cap: float | None) -> float:
     """Scale ``p.grad`` (in place) so that no matrix of ``p`` (one R1, or each layer's R2) turns by more than ``cap``
     radians in the coming step; returns the largest angle the unscaled step would have taken.
 
-    Why: on real models a few calibration batches give gradients orders of magnitude above the rest (the tokens that
-    carry massive activations, |x| ~ 10⁴), and a plain step of Meta's lr then throws the rotation far off (SmolLM2-135M
-    at W16A4KV4: KL 0.58 -> 3.4 after one step at lr 1.5). Capping the angle keeps the step's direction and bounds
+    Why: on a real model with massive activations (|x| ~ 10⁴) the gradient at Meta's lr asks R1 to turn by ~2 rad per
+    step (SmolLM2-135M at W16A4KV4: 1.7-2.1 rad, 78% of it in the massive channel's row; the 25M reference model:
+    0.27), and the quantized loss is rough at that scale: one plain step at lr 1.5 takes the KL 0.58 -> 3.4
+    (benchmarks/results/step_angle_smollm2.md). Capping the angle keeps the step's direction and bounds
     its size in the one unit that means the same for every model and loss. Hand-written: geoopt's optimisers have no
     step-size control beyond lr."""
     if p.grad is None:
