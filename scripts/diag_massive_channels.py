@@ -33,7 +33,7 @@ from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W
-from spinquant.outliers import channel_absmax, massive_channels
+from spinquant.outliers import channels_above, relative_channel_absmax
 from _common import SHARED, quantized_copy, result_path
 
 
@@ -73,9 +73,8 @@ def main() -> None:
     base = load_model(args.model)
     calib = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen,
                                                seed=args.seed), tok)
-    absmax = channel_absmax(base, calib[:4]).amax(0)
-    ratio = absmax / absmax.median()
-    massive = massive_channels(base, calib[:4], args.ratio)
+    ratio = relative_channel_absmax(base, calib[:4])
+    massive = channels_above(ratio, args.ratio)
     print(f"massive channels (max |h| / median channel): {[(j, round(float(ratio[j]), 1)) for j in massive]}", flush=True)
 
     windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)

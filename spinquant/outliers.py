@@ -33,9 +33,18 @@ def channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tenso
     return out
 
 
+def relative_channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """(dim,): each residual channel's max |h| over all layers and ``windows``, over the median channel's."""
+    absmax = channel_absmax(model, windows).amax(0)
+    return absmax / absmax.median()
+
+
+def channels_above(rel: torch.Tensor, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """The channels whose ``rel`` (relative_channel_absmax) is >= ``ratio``, largest first."""
+    return [int(j) for j in torch.argsort(rel, descending=True) if rel[j] >= ratio]
+
+
 def massive_channels(model: torch.nn.Module, windows: torch.Tensor, ratio: float = MASSIVE_RATIO) -> list[int]:
     """Residual channels whose max |h| over all layers and ``windows`` is >= ``ratio`` x the median channel's,
     largest first (the original model, before rotation)."""
-    absmax = channel_absmax(model, windows).amax(0)
-    rel = absmax / absmax.median()
-    return [int(j) for j in torch.argsort(rel, descending=True) if rel[j] >= ratio]
+    return channels_above(relative_channel_absmax(model, windows), ratio)
