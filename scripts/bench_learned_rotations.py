@@ -29,7 +29,8 @@ from spinquant.models import load_model, load_tokenizer
 from spinquant.outliers import massive_channels
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
-from spinquant.rotation import LearnConfig, RotationLearner, plot_learning_curve, prepare_model
+from spinquant.rotation import LearnConfig, RotationLearner, initial_scales, plot_learning_curve, prepare_model
+from spinquant.smoothing import smooth_scales
 from _common import SHARED, quantized_copy, result_path
 
 
@@ -46,6 +47,13 @@ def main() -> None:
     ap.add_argument("--max-angle", type=float, default=None, help="cap on one Cayley step's rotation, radians (LearnConfig.max_angle)")
     ap.add_argument("--freeze-massive", action="store_true", help="keep R1's rows of the massive channels (spinquant.outliers, "
                     "found on 4 learning windows) at the Hadamard start (LearnConfig.frozen_channels)")
+    ap.add_argument("--scales", action="store_true", help="also learn channel scales jointly with R1/R2 (LearnConfig.scales, "
+                    "fusion.ChannelScales)")
+    ap.add_argument("--scale-lr", type=float, default=0.01, help="Adam's lr on the log-scales")
+    ap.add_argument("--scale-init", type=float, default=None, help="start the scales at SmoothQuant's of this alpha "
+                    "(LearnConfig.scale_init)")
+    ap.add_argument("--smooth-baseline", type=float, default=None, metavar="ALPHA", help="also evaluate the random Hadamard "
+                    "of --seed with SmoothQuant's channel scales of this alpha (smoothing.py) and no learning")
     ap.add_argument("--gptq-nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=1024, help="GPTQ and evaluation window length")
     ap.add_argument("--windows", type=int, default=40)
@@ -101,6 +109,11 @@ def main() -> None:
         if target not in done_hadamard:
             if not args.no_baseline:
                 gptq_eval(f"{target} random Hadamard + GPTQ", Rotations.random_hadamard(base, args.seed, r4=not args.no_r4), scheme, {"target": target})
+            if args.smooth_baseline is not None:
+                rot = Rotations.random_hadamard(base, args.seed, r4=not args.no_r4)
+                rot.scales = smooth_scales(base, rot, learn_windows[:8], alpha=args.smooth_baseline)
+                gptq_eval(f"{target} random Hadamard + SmoothQuant scales (alpha {args.smooth_baseline}) + GPTQ", rot, scheme,
+                          {"target": target, "smooth_alpha": args.smooth_baseline})
             for extra_seed in [int(x) for x in args.hadamard_seeds.split(",") if x]:
                 gptq_eval(f"{target} random Hadamard (seed {extra_seed}) + GPTQ", Rotations.random_hadamard(base, extra_seed, r4=not args.no_r4), scheme,
                           {"target": target, "hadamard_seed": extra_seed})
@@ -111,16 +124,21 @@ def main() -> None:
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
                           group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
                           loss=loss, weight_quant=weight_quant, r4=not args.no_r4, max_angle=args.max_angle,
-                          frozen_channels=massive_channels(base, learn_windows[:4]) if args.freeze_massive else ())
+                          frozen_channels=massive_channels(base, learn_windows[:4]) if args.freeze_massive else (),
+                          scales=args.scales, scale_lr=args.scale_lr, scale_init=args.scale_init)
         learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
-                                  teacher=copy.deepcopy(base) if loss == "kl" else None)
+                                  teacher=copy.deepcopy(base) if loss == "kl" else None,
+                                  initial_scales=initial_scales(base, cfg, learn_windows))
         learner.run()
         label = (f"W{wbits}A{a_bits}KV{kv_bits}" + (", GPTQ in the loop" if weight_quant == "gptq" else "")
                  + (", KL loss" if loss == "kl" else ", CE loss")
                  + (f", step <= {args.max_angle} rad" if args.max_angle is not None else "")
-                 + (f", R1 rows of channels {list(cfg.frozen_channels)} frozen" if cfg.frozen_channels else ""))
+                 + (f", R1 rows of channels {list(cfg.frozen_channels)} frozen" if cfg.frozen_channels else "")
+                 + (f", + channel scales (Adam lr {args.scale_lr}" + (f", SmoothQuant start alpha {args.scale_init})"
+                                                                        if args.scale_init is not None else ")") if args.scales else ""))
         curves[f"{target} learned at {label}"] = learner.losses
-        stem = f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
+        stem = (f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
+                + ("_scales" if args.scales else ""))
         plot_learning_curve(learner.losses, out.parent / f"{stem}_{out.name}.png", f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,

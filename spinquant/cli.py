@@ -262,6 +262,13 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
 @click.option("--momentum", default=0.0, show_default=True, help="Cayley SGD momentum.")
 @click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " [default: no cap, Meta's plain step].")
+@click.option("--scales/--no-scales", default=False, show_default=True, help="Also learn per-channel scales jointly with R1/R2 "
+              "(norm -> q/k/v and gate/up, v -> o per head channel, up -> down), fused into the norm weights and linears "
+              "the checkpoint already has; written as scales.safetensors beside R.bin. Learn them against int4 weights "
+              "(--w-bits 4): with float weights the loss sees no cost of moving difficulty into the weights.")
+@click.option("--scale-lr", default=0.01, show_default=True, help="Adam learning rate of the log-scales (cosine decay).")
+@click.option("--scale-init", type=float, default=None, help="With --scales: start from SmoothQuant's scales of this alpha "
+              "(0.5: activation and weight ranges met halfway), measured on the first 8 learning windows [default: 1].")
 @click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
 @click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
 @click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16).")
@@ -280,21 +287,22 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
 @overwrite_option
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
-                        momentum, max_angle, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant, save_every, r4,
-                        device, tokenizer_src, overwrite) -> None:
+                        momentum, max_angle, scales, scale_lr, scale_init, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant,
+                        save_every, r4, device, tokenizer_src, overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
     from spinquant.pipeline import learn_rotations
     from spinquant.rotation import LearnConfig
 
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=r4, max_angle=max_angle)
+                      save_every=save_every, r4=r4, max_angle=max_angle, scales=scales, scale_lr=scale_lr,
+                      scale_init=scale_init)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
     if s.get("finished") and s.get("rank", 0) == 0:
-        click.echo(f"wrote {out_dir}/R.bin after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
+        click.echo(f"wrote {out_dir}/R.bin{' + scales.safetensors' if scales else ''} after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
 
 

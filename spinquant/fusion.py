@@ -1,4 +1,4 @@
-"""Function-preserving weight transforms: untie, RMSNorm fusion, R1/R2/R4 rotations.
+"""Function-preserving weight transforms: untie, RMSNorm fusion, R1/R2/R4 rotations, channel scales.
 
 Conventions (used everywhere in spinquant):
 - A linear weight ``W`` is (out, in) and computes ``y = x @ W.T`` on row vectors ``x``.
@@ -6,12 +6,16 @@ Conventions (used everywhere in spinquant):
 - A rotation ``Q`` on the *output* side means ``W <- Q.T @ W`` (the layer now emits ``y @ Q``).
 - The residual stream is rotated as ``h -> h @ R1``; head values as ``v_h -> v_h @ R2``;
   the down_proj input as ``z -> z @ H4`` (online) with ``W_down <- W_down @ H4``.
+- A channel scale ``s`` (positive, one per channel of an activation) multiplies that activation
+  ``x -> x * s`` where it is produced (an RMSNorm's weight, a producer's output rows ``W <- diag(s) W``)
+  and divides the consumer's input columns ``W <- W diag(1/s)``; see :class:`ChannelScales`.
 The arithmetic runs in float64 and the results are cast back to the weights' dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,9 +89,51 @@ def norms_are_fused(model: LlamaForCausalLM) -> bool:
     return all(bool((n.weight == 1).all()) for n in norms)
 
 
+SCALE_KINDS = ("attn_in", "mlp_in", "v_out", "up_out")
+
+
+@dataclass
+class ChannelScales:
+    """Learned per-channel scales of each layer (OSTQuant's "orthogonal + scaling"), float64 on CPU, all positive.
+
+    Each is a function-preserving pair fused into weights the ExecuTorch checkpoint already carries, applied after
+    R1/R2 (so in the rotated basis) and before R4:
+    - ``attn_in[i]`` (dim,): layer i's input_layernorm weight becomes ``s``, q/k/v input columns ``W diag(1/s)``;
+    - ``mlp_in[i]`` (dim,): post_attention_layernorm weight ``s``, gate/up input columns ``W diag(1/s)``;
+    - ``v_out[i]`` (n_kv_heads * head_dim,): v_proj output rows ``diag(s) W``, o_proj input columns of every
+      attention head divided by its kv head's ``s`` (attention mixes positions, never channels, so this commutes);
+    - ``up_out[i]`` (intermediate,): up_proj output rows ``diag(s) W``, down_proj input columns ``W diag(1/s)``
+      (silu(gate) * up is linear in up), then R4 folds ``H4`` on top.
+    The quantized activations (norm outputs, attention output, down_proj input) are the scaled ones: a scale moves
+    quantization difficulty between an activation channel and the weight columns that read it.
+    """
+
+    attn_in: list[torch.Tensor]
+    mlp_in: list[torch.Tensor]
+    v_out: list[torch.Tensor]
+    up_out: list[torch.Tensor]
+
+    def expected_shapes(self, cfg) -> dict[str, tuple[int, ...]]:
+        return {"attn_in": (cfg.hidden_size,), "mlp_in": (cfg.hidden_size,),
+                "v_out": (cfg.num_key_value_heads * head_dim(cfg),), "up_out": (cfg.intermediate_size,)}
+
+    def check(self, cfg, where: str = "channel scales") -> None:
+        """Shapes match the model, one per layer, every value finite and positive."""
+        for kind, shape in self.expected_shapes(cfg).items():
+            per_layer = getattr(self, kind)
+            if len(per_layer) != cfg.num_hidden_layers:
+                raise SpinQuantError(f"{where}: {len(per_layer)} '{kind}' scales for a model with {cfg.num_hidden_layers} layers")
+            for i, s in enumerate(per_layer):
+                if tuple(s.shape) != shape:
+                    raise SpinQuantError(f"{where}: '{kind}' of layer {i} has shape {tuple(s.shape)}, the model needs {shape}")
+                if not bool(torch.isfinite(s).all() and (s > 0).all()):
+                    raise SpinQuantError(f"{where}: '{kind}' of layer {i} holds values that are not finite and positive")
+
+
 @dataclass
 class Rotations:
-    """The rotations of one model. r1: (dim, dim); r2: one (head_dim, head_dim) per layer; r4: online H on down_proj.
+    """The rotations of one model. r1: (dim, dim); r2: one (head_dim, head_dim) per layer; r4: online H on down_proj;
+    scales: optional learned channel scales (:class:`ChannelScales`), fused with the rotations.
 
     Any of them may be absent (None / empty list / False). Matrices are float64 on CPU.
     """
@@ -95,6 +141,7 @@ class Rotations:
     r1: torch.Tensor | None = None
     r2: list[torch.Tensor] = field(default_factory=list)
     r4: bool = False
+    scales: ChannelScales | None = None
 
     @staticmethod
     def random_hadamard(model: LlamaForCausalLM, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> "Rotations":
@@ -168,9 +215,11 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
     R1: embedding rows and every residual reader (q/k/v/gate/up/lm_head) ``W @ R1``; residual writers
     (o_proj, down_proj) ``R1ᵀ @ W``. R2: v_proj output per kv head ``R2ᵀ @ W_h``, o_proj input per
     attention head ``W_h @ R2`` (GQA: one R2 per layer shared by all heads). R4: down_proj ``W @ H``
-    plus an online ``x @ H`` before it.
+    plus an online ``x @ H`` before it. Channel scales (if any) between R1/R2 and R4, see :class:`ChannelScales`.
     """
     cfg = model.config
+    if rot.scales is not None:
+        rot.scales.check(cfg)
     if rot.r1 is not None and not norms_are_fused(model):
         raise SpinQuantError("R1 needs fused RMSNorms (a norm with a scale does not commute with rotation): call fuse_norms first")
     hd = head_dim(cfg)
@@ -197,6 +246,8 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
             wo = attn.o_proj.weight
             o = wo.double().view(wo.shape[0], -1, hd)  # (dim, n_heads, hd)
             wo.copy_((o @ r2.to(wo.device)).reshape(wo.shape).to(wo.dtype))
+        if rot.scales is not None:
+            _apply_layer_scales(layer, rot.scales, i, cfg)
         if rot.r4:
             # W @ H4 by the fast Walsh-Hadamard transform of each row (float64): O(n log n) a row instead of a dense
             # n x n product (at n = 8192 the dense fold was most of the rotate time of a 3B model)
@@ -204,6 +255,31 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
     if rot.r4:
         _install_online_r4(model)
     return model
+
+
+def _apply_layer_scales(layer: nn.Module, scales: ChannelScales, i: int, cfg) -> None:
+    """Fuse layer ``i``'s channel scales (see :class:`ChannelScales`) into its norms and linears, in place, float64."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hd = head_dim(cfg)
+
+    def divide_columns(lin: nn.Linear, s: torch.Tensor) -> None:
+        inv = (1.0 / s.double()).to(lin.weight.device)[None, :]
+        transform_rows_(lin.weight.data, lambda rows: rows * inv)
+
+    def multiply_rows(lin: nn.Linear, s: torch.Tensor) -> None:
+        w = lin.weight
+        w.copy_((w.double() * s.double().to(w.device)[:, None]).to(w.dtype))
+
+    for norm, s, readers in ((layer.input_layernorm, scales.attn_in[i], (attn.q_proj, attn.k_proj, attn.v_proj)),
+                             (layer.post_attention_layernorm, scales.mlp_in[i], (mlp.gate_proj, mlp.up_proj))):
+        norm.weight.copy_((norm.weight.double() * s.double().to(norm.weight.device)).to(norm.weight.dtype))
+        for lin in readers:
+            divide_columns(lin, s)
+    multiply_rows(attn.v_proj, scales.v_out[i])
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads  # head h reads kv head h // n_rep (transformers' repeat_kv)
+    divide_columns(attn.o_proj, scales.v_out[i].view(-1, hd).repeat_interleave(n_rep, dim=0).reshape(-1))
+    multiply_rows(mlp.up_proj, scales.up_out[i])
+    divide_columns(mlp.down_proj, scales.up_out[i])
 
 
 def fuse_and_rotate(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM:
@@ -216,8 +292,53 @@ def fuse_and_rotate(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
 ORTHOGONALITY_TOL = 1e-4
 
 
+SCALES_FILE = "scales.safetensors"  # beside an R.bin: the learned channel scales that go with its rotations
+
+
+def scales_path(rbin) -> Path:
+    """Where the channel scales of the rotations in ``rbin`` live: ``scales.safetensors`` in the same directory.
+
+    R.bin keeps the SpinQuant layout (square orthogonal matrices only, which other tools read); the scales are
+    another file, and the two are one unit: every spinquant reader of an R.bin applies the scales beside it."""
+    return Path(rbin).with_name(SCALES_FILE)
+
+
+def save_scales(scales: ChannelScales, path) -> None:
+    """Write the scales as float32 safetensors: ``model.layers.{i}.{kind}_scale`` (kind in SCALE_KINDS)."""
+    from safetensors.torch import save_file
+
+    state = {f"model.layers.{i}.{kind}_scale": s.to(torch.float32).contiguous()
+             for kind in SCALE_KINDS for i, s in enumerate(getattr(scales, kind))}
+    save_file(state, str(path))
+
+
+def load_scales(path) -> ChannelScales:
+    """Read a scales.safetensors written by :func:`save_scales` (safetensors: data only, no code)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise SpinQuantError(f"cannot read the channel scales {path}: {exc}. It is corrupt or not a spinquant scales "
+                             f"file; re-run the learning that wrote it") from exc
+    per_kind: dict[str, list[torch.Tensor]] = {}
+    for kind in SCALE_KINDS:
+        keys = sorted((k for k in state if k.endswith(f".{kind}_scale")), key=lambda k: int(k.split(".")[2]))
+        per_kind[kind] = [state[k].double() for k in keys]
+    counts = {len(v) for v in per_kind.values()}
+    if len(counts) != 1 or not next(iter(counts)) or len(state) != sum(len(v) for v in per_kind.values()):
+        raise SpinQuantError(f"{path} is not a spinquant scales file (expected model.layers.<i>.<kind>_scale for kind in "
+                             f"{', '.join(SCALE_KINDS)}, the same layers for each)")
+    for kind, per_layer in per_kind.items():
+        for i, v in enumerate(per_layer):
+            if v.ndim != 1 or not bool(torch.isfinite(v).all() and (v > 0).all()):
+                raise SpinQuantError(f"{path}: '{kind}' of layer {i} is not a vector of finite positive scales")
+    return ChannelScales(**per_kind)
+
+
 def save_rbin(rot: Rotations, path) -> None:
-    """Write R.bin in the SpinQuant layout: {"R1": (dim, dim), "model.layers.{i}.self_attn.R2": (hd, hd)}, float32."""
+    """Write R.bin in the SpinQuant layout: {"R1": (dim, dim), "model.layers.{i}.self_attn.R2": (hd, hd)}, float32;
+    with channel scales, also :data:`SCALES_FILE` beside it (:func:`scales_path`)."""
     state: dict[str, torch.Tensor] = {}
     if rot.r1 is not None:
         state["R1"] = rot.r1.to(torch.float32).contiguous()
@@ -227,11 +348,14 @@ def save_rbin(rot: Rotations, path) -> None:
         err = orthogonality_error(q)
         if err > ORTHOGONALITY_TOL:
             raise SpinQuantError(f"refusing to save {name}: not orthogonal (max|QᵀQ-I| = {err:.2e})")
+    if rot.scales is not None:
+        save_scales(rot.scales, scales_path(path))
     torch.save(state, path)
 
 
 def load_rbin(path, r4: bool = True) -> Rotations:
-    """Read an R.bin (SpinQuant layout), checking each matrix is orthogonal. R4 is not stored; pass it."""
+    """Read an R.bin (SpinQuant layout), checking each matrix is orthogonal, and the channel scales beside it if there
+    are any (:func:`scales_path`). R4 is not stored; pass it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -253,4 +377,5 @@ def load_rbin(path, r4: bool = True) -> Rotations:
         r1=state["R1"].double() if "R1" in state else None,
         r2=[state[k].double() for k in r2_keys],
         r4=r4,
+        scales=load_scales(scales_path(path)) if scales_path(path).is_file() else None,
     )

@@ -11,7 +11,7 @@ from spinquant.atomic import atomic_dir
 from spinquant.errors import SpinQuantError
 from spinquant.evaluate import (EvalResult, cached_logits_fn, check_seqlen, evaluate, evaluation_ids, evaluation_windows,
                                 hf_logits_fn)
-from spinquant.fusion import Rotations, fuse_and_rotate, has_online_r4, save_rbin
+from spinquant.fusion import SCALES_FILE, Rotations, fuse_and_rotate, has_online_r4, save_rbin
 from spinquant.memory import release_memory
 from spinquant.models import describe_source, load_model, load_tokenizer, save_hf
 
@@ -465,7 +465,7 @@ def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dic
     from spinquant.outputs import resolve_input
 
     # options added later are named only when set (r4 when off), so outputs made before them keep resuming
-    unset = {"r4": True, "max_angle": None, "frozen_channels": ()}
+    unset = {"r4": True, "max_angle": None, "frozen_channels": (), "scales": False, "scale_lr": 0.01, "scale_init": None}
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
               if k != "save_every" and not (k in unset and v == unset[k])}
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
@@ -487,7 +487,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     from spinquant.evaluate import check_seqlen
     from spinquant.outputs import claim_output, clear_directory, record_owner
     from spinquant.preflight import check_model, check_rotation_sizes
-    from spinquant.rotation import RotationLearner, prepare_model, write_outputs
+    from spinquant.rotation import RotationLearner, initial_scales, prepare_model, write_outputs
 
     cfg.check()
     kind = describe_source(model_src)
@@ -512,8 +512,10 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         import copy
 
         teacher = copy.deepcopy(model)
+    start_scales = initial_scales(model, cfg, windows)
     prepare_model(model, cfg)
-    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress, teacher=teacher)
+    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress, teacher=teacher,
+                              initial_scales=start_scales)
     if learner.rank == 0 and claim:
         if status == "replace":
             clear_directory(out)
@@ -532,7 +534,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         try:
             summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev)}))
             publish_mode(tmp)
-            for name in ("R.bin", "losses.json", "learning_curve.png"):
+            for name in (SCALES_FILE, "R.bin", "losses.json", "learning_curve.png"):  # the scales before the R.bin they go with
                 if (tmp / name).exists():
                     (tmp / name).replace(out / name)
         finally:

@@ -23,7 +23,12 @@ with the cross-entropy on the text. ``w_bits=4`` puts int4 weights in the loop, 
 rotations are judged by. Gradients reach the rotations through the straight-through rounding and
 through the quantization scales (quant/primitives.py explains why the scale path matters).
 
-State (rotations, optimizer, scheduler, losses) is saved every ``save_every`` steps; a restarted run
+With ``scales=True`` the learner also learns per-channel scales (fusion.ChannelScales) as log-scales with Adam, in
+the same graph: the linears' scaled weights come out of :func:`rotated_weights`, and forward hooks multiply the two
+RMSNorm outputs by their scales (the norm weights the checkpoint will carry). ``scale_init`` starts them at
+SmoothQuant's closed-form scales (smoothing.py) instead of 1.
+
+State (rotations, scales, optimizers, schedulers, losses) is saved every ``save_every`` steps; a restarted run
 continues from the last save with the same result.
 """
 
@@ -45,9 +50,9 @@ from transformers import LlamaForCausalLM
 
 from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
-from spinquant.fusion import (ORTHOGONALITY_TOL, Rotations, apply_rotations, fuse_norms, head_dim, orthogonality_error,
-                              save_rbin)
-from spinquant.hadamard import random_hadamard_matrix
+from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, head_dim,
+                              orthogonality_error, save_rbin)
+from spinquant.hadamard import hadamard_matrix
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
 from spinquant.rotation_gptq import collect_hessians, gptq_integers
@@ -81,6 +86,9 @@ class LearnConfig:
     r4: bool = True  # the online Hadamard before down_proj (off where the exported model cannot run it)
     max_angle: float | None = None  # radians: cap on how far one step may turn any vector (see bound_step_angles)
     frozen_channels: tuple[int, ...] = ()  # residual channels whose R1 rows stay at the start (see freeze_rows)
+    scales: bool = False  # also learn channel scales (fusion.ChannelScales) jointly with R1/R2
+    scale_lr: float = 0.01  # Adam's lr on the log-scales (cosine schedule like the rotations')
+    scale_init: float | None = None  # None: scales start at 1; alpha: SmoothQuant's scales of that alpha (smoothing.py)
 
     def __post_init__(self) -> None:
         self.frozen_channels = tuple(int(c) for c in self.frozen_channels)  # from JSON/YAML lists too
@@ -104,6 +112,13 @@ class LearnConfig:
         if self.max_angle is not None and not 0 < self.max_angle < 3.0:
             raise SpinQuantError(f"--max-angle {self.max_angle}: the cap on one step's rotation angle must be in (0, 3) "
                                  f"radians (0.02-0.2 is useful; calibrate --max-angle 0 means no cap)")
+        if self.scales and self.weight_quant == "gptq":
+            raise SpinQuantError("learned channel scales with GPTQ in the learning loop is not supported (the loop's GPTQ "
+                                 "Hessians are collected once, before the scales move): use --weight-quant rtn")
+        if self.scale_init is not None and not (self.scales and 0.0 <= self.scale_init <= 1.0):
+            raise SpinQuantError(f"--scale-init {self.scale_init}: SmoothQuant's alpha must be in [0, 1], and it needs --scales")
+        if self.scale_lr <= 0:
+            raise SpinQuantError(f"scale learning rate {self.scale_lr} must be positive")
         if self.loss not in ("ce", "kl"):
             raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
@@ -120,8 +135,30 @@ def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM
     return model
 
 
-def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int, hd: int) -> dict[str, torch.Tensor]:
-    """The rotated weights of every linear (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd))."""
+def initial_scales(model: LlamaForCausalLM, cfg: LearnConfig, windows: torch.Tensor) -> ChannelScales | None:
+    """The scales the learner starts from for ``cfg.scale_init`` (None: 1), measured on the original float ``model``
+    rotated by the learner's Hadamard start, over the first 8 learning ``windows`` (deterministic: a resumed run
+    recomputes the same start)."""
+    if not cfg.scales or cfg.scale_init is None:
+        return None
+    from spinquant.smoothing import smooth_scales
+
+    return smooth_scales(model, hadamard_start(model.config, cfg.seed), windows[:8], alpha=cfg.scale_init)
+
+
+def hadamard_start(config, seed: int) -> Rotations:
+    """The learner's starting R1 and R2 (seeded random Hadamard, the same as Rotations.random_hadamard_for)."""
+    return Rotations.random_hadamard_for(config, seed, r4=False)
+
+
+def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int, hd: int,
+                    scales: dict[str, torch.Tensor] | None = None, h4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The rotated weights of every linear (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd)).
+
+    ``scales`` (optional, differentiable): positive channel scales of fusion.ChannelScales, each (n_layers, channels),
+    keyed by fusion.SCALE_KINDS; the norm halves of attn_in / mlp_in are the caller's (they scale activations). With
+    scales, ``base``'s down_proj must be the weight before R4 and ``h4`` (inter, inter) the R4 to fold after dividing
+    its columns (None: no R4)."""
     out = {"lm_head.weight": base["lm_head.weight"] @ r1}
     for i in range(n_layers):
         p = f"model.layers.{i}."
@@ -130,9 +167,22 @@ def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.T
         wv = out[f"{p}self_attn.v_proj.weight"]
         out[f"{p}self_attn.v_proj.weight"] = (r2[i].T @ wv.view(-1, hd, wv.shape[1])).reshape(wv.shape)
         wo = base[f"{p}self_attn.o_proj.weight"]
-        wo = (wo.view(wo.shape[0], -1, hd) @ r2[i]).reshape(wo.shape)
-        out[f"{p}self_attn.o_proj.weight"] = r1.T @ wo
-        out[f"{p}mlp.down_proj.weight"] = r1.T @ base[f"{p}mlp.down_proj.weight"]
+        wo = wo.view(wo.shape[0], -1, hd) @ r2[i]  # (dim, n_heads, hd)
+        down = base[f"{p}mlp.down_proj.weight"]
+        if scales is not None:
+            for name, kind in (("self_attn.q_proj", "attn_in"), ("self_attn.k_proj", "attn_in"), ("self_attn.v_proj", "attn_in"),
+                               ("mlp.gate_proj", "mlp_in"), ("mlp.up_proj", "mlp_in")):
+                out[f"{p}{name}.weight"] = out[f"{p}{name}.weight"] / scales[kind][i][None, :]
+            s_v = scales["v_out"][i]
+            out[f"{p}self_attn.v_proj.weight"] = out[f"{p}self_attn.v_proj.weight"] * s_v[:, None]
+            n_rep = wo.shape[1] * hd // s_v.shape[0]
+            wo = wo / s_v.view(-1, hd).repeat_interleave(n_rep, dim=0)[None]
+            out[f"{p}mlp.up_proj.weight"] = out[f"{p}mlp.up_proj.weight"] * scales["up_out"][i][:, None]
+            down = down / scales["up_out"][i][None, :]
+            if h4 is not None:
+                down = down @ h4
+        out[f"{p}self_attn.o_proj.weight"] = r1.T @ wo.reshape(wo.shape[0], -1)
+        out[f"{p}mlp.down_proj.weight"] = r1.T @ down
     return out
 
 
@@ -140,9 +190,14 @@ class RotationLearner:
     """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring."""
 
     def __init__(self, model: LlamaForCausalLM, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
-                 state_dir: Path | None = None, progress: bool = True, teacher: LlamaForCausalLM | None = None) -> None:
-        """``teacher``: the original float model, needed for ``cfg.loss == "kl"`` (its logits are the target)."""
+                 state_dir: Path | None = None, progress: bool = True, teacher: LlamaForCausalLM | None = None,
+                 initial_scales: ChannelScales | None = None) -> None:
+        """``teacher``: the original float model, needed for ``cfg.loss == "kl"`` (its logits are the target).
+        ``initial_scales``: where the channel scales start (``cfg.scale_init`` says how they were made:
+        :func:`initial_scales`); None: 1."""
         cfg.check()
+        if initial_scales is not None and not cfg.scales:
+            raise ValueError("initial_scales without cfg.scales")
         if cfg.loss == "kl" and teacher is None:
             raise ValueError("loss 'kl' needs the float teacher model")
         self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
@@ -161,14 +216,18 @@ class RotationLearner:
         self.embedding = params["model.embed_tokens.weight"].detach()
         modules = dict(model.named_modules())
         self.linears = {n: modules[n[: -len(".weight")]] for n in names}
-        r1 = random_hadamard_matrix(config.hidden_size, cfg.seed, "R1 (hidden size)").float()
-        r2 = torch.stack([random_hadamard_matrix(self.hd, cfg.seed * 1_000_003 + 1 + i, "R2 (head_dim)").float()
-                          for i in range(self.n_layers)])
+        start = hadamard_start(config, cfg.seed)
+        r1, r2 = start.r1.float(), torch.stack(start.r2).float()
         manifold = geoopt.CanonicalStiefel()
         self.r1 = geoopt.ManifoldParameter(r1.to(device), manifold=manifold)
         self.r2 = geoopt.ManifoldParameter(r2.to(device), manifold=manifold)
         self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, momentum=cfg.momentum, stabilize=None)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
+        self.log_scales: dict[str, torch.Tensor] = {}
+        self.h4 = None
+        self.norm_scale: dict[int, torch.Tensor] = {}  # id(norm module) -> the scale its output is multiplied by
+        if cfg.scales:
+            self._prepare_scales(model, initial_scales)
         self.step = 0
         self.losses: list[float] = []
         self.angles: list[list[float]] = []  # per step: [R1's angle, largest R2 angle] the gradient step asked for
@@ -185,11 +244,48 @@ class RotationLearner:
         if cfg.weight_quant == "gptq":
             self.hessians = collect_hessians(model, windows[: cfg.gptq_windows])
 
+    def _prepare_scales(self, model: LlamaForCausalLM, initial: ChannelScales | None) -> None:
+        """Channel scales (fusion.ChannelScales) as log-scales from 0 (scale 1), their Adam optimiser, and the hooks
+        that scale the RMSNorm outputs by the current attn_in / mlp_in (the norms' weights are 1 after fusion).
+
+        With R4 on, prepare_model folded H4 into down_proj; the scales divide its columns before H4, so the base
+        weight is unfolded once here (W = (W H4) H4ᵀ) and H4 is refolded in :func:`rotated_weights`."""
+        config = model.config
+        shapes = {"attn_in": config.hidden_size, "mlp_in": config.hidden_size,
+                  "v_out": config.num_key_value_heads * self.hd, "up_out": config.intermediate_size}
+        self.log_scales = {k: torch.zeros(self.n_layers, n, device=self.device) for k, n in shapes.items()}
+        if initial is not None:
+            initial.check(config, "initial channel scales")
+            for k, v in self.log_scales.items():
+                v.copy_(torch.stack(getattr(initial, k)).log().float())
+        for v in self.log_scales.values():
+            v.requires_grad_(True)
+        self.scale_opt = torch.optim.Adam(list(self.log_scales.values()), lr=self.cfg.scale_lr)
+        self.scale_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_opt, T_max=self.cfg.steps, eta_min=0.0)
+        if self.cfg.r4:
+            self.h4 = hadamard_matrix(config.intermediate_size, "R4 (intermediate size)").float().to(self.device)
+            for i in range(self.n_layers):
+                key = f"model.layers.{i}.mlp.down_proj.weight"
+                self.base[key] = self.base[key] @ self.h4.T
+        self.scaled_norms = {}
+        for i, layer in enumerate(model.model.layers):
+            for kind, norm in (("attn_in", layer.input_layernorm), ("mlp_in", layer.post_attention_layernorm)):
+                self.scaled_norms[(kind, i)] = norm
+                norm.register_forward_hook(self._scale_norm_output)
+
+    def _scale_norm_output(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        scale = self.norm_scale.get(id(module))
+        return output if scale is None else output * scale.to(output.dtype)
+
     # --- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "r1": self.r1.detach().cpu(), "r2": self.r2.detach().cpu(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "losses": self.losses, "angles": self.angles, "seconds": self.seconds, "config": asdict(self.cfg),
-                "windows_digest": _digest(self.windows)}
+        st = {"step": self.step, "r1": self.r1.detach().cpu(), "r2": self.r2.detach().cpu(), "opt": self.opt.state_dict(),
+              "sched": self.sched.state_dict(), "losses": self.losses, "angles": self.angles, "seconds": self.seconds, "config": asdict(self.cfg),
+              "windows_digest": _digest(self.windows)}
+        if self.log_scales:
+            st.update(log_scales={k: v.detach().cpu() for k, v in self.log_scales.items()}, scale_opt=self.scale_opt.state_dict(),
+                      scale_sched=self.scale_sched.state_dict())
+        return st
 
     def save_state(self) -> None:
         if self.state_dir is None or self.rank != 0:
@@ -210,7 +306,9 @@ class RotationLearner:
                                  f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
         if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
             raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
-        saved = {"r4": True, "max_angle": None, "frozen_channels": (), **st["config"]}  # states saved before these options existed
+        # states saved before these options existed
+        saved = {"r4": True, "max_angle": None, "frozen_channels": (), "scales": False, "scale_lr": 0.01, "scale_init": None,
+                 **st["config"]}
         if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")
@@ -219,6 +317,12 @@ class RotationLearner:
             self.r2.copy_(st["r2"].to(self.device))
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
+        if self.log_scales:
+            with torch.no_grad():
+                for k, v in self.log_scales.items():
+                    v.copy_(st["log_scales"][k].to(self.device))
+            self.scale_opt.load_state_dict(st["scale_opt"])
+            self.scale_sched.load_state_dict(st["scale_sched"])
         self.step, self.losses, self.seconds = st["step"], list(st["losses"]), st["seconds"]
         self.angles = [list(a) for a in st.get("angles", [])]
         return True
@@ -275,11 +379,20 @@ class RotationLearner:
         """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        rotated = rotated_weights(self.base, self.r1, self.r2, self.n_layers, self.hd)
+        scales = None
+        if self.log_scales:
+            self.scale_opt.zero_grad(set_to_none=True)
+            scales = {k: v.exp() for k, v in self.log_scales.items()}
+        rotated = rotated_weights(self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4)
+        if scales is not None:  # the norm halves of attn_in / mlp_in: leaves the norm hooks multiply by
+            rotated.update({("norm", kind, i): scales[kind][i] for kind, i in self.scaled_norms})
         leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
         r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
         for k, leaf in leaves.items():
-            self.linears[k].weight_override = leaf
+            if isinstance(k, tuple):
+                self.norm_scale[id(self.scaled_norms[k[1:]])] = leaf
+            else:
+                self.linears[k].weight_override = leaf
         if self.hessians is not None:
             chosen = gptq_integers(leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads, cfg.w_bits,
                                    cfg.group_size, clip_search=True)
@@ -295,15 +408,17 @@ class RotationLearner:
                 loss.backward()
                 total += loss.item()
         finally:
+            self.norm_scale.clear()
             for k in leaves:
-                self.linears[k].weight_override = None
-                self.linears[k].weight_integers = None
+                if not isinstance(k, tuple):
+                    self.linears[k].weight_override = None
+                    self.linears[k].weight_integers = None
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in rotated]
         torch.autograd.backward(list(rotated.values()), grads)
         if r1_leaf.grad is not None:
             self.r1.grad = self.r1.grad + r1_leaf.grad
         if self.world > 1:
-            for p in (self.r1, self.r2):
+            for p in (self.r1, self.r2, *self.log_scales.values()):
                 dist.all_reduce(p.grad)
             loss_t = torch.tensor([total], device=self.device)
             dist.all_reduce(loss_t)
@@ -321,6 +436,9 @@ class RotationLearner:
         self.angles.append([bound_step_angles(p, lr, cap) for p in (self.r1, self.r2)])
         self.opt.step()
         self.sched.step()
+        if self.log_scales:
+            self.scale_opt.step()
+            self.scale_sched.step()
         self.step += 1
         self.losses.append(total)
         self.seconds += time.perf_counter() - t
@@ -347,7 +465,10 @@ class RotationLearner:
             err = orthogonality_error(q)
             if not err < ORTHOGONALITY_TOL:
                 raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
-        return Rotations(r1=r1, r2=r2, r4=self.cfg.r4)
+        scales = None
+        if self.log_scales:
+            scales = ChannelScales(**{k: [row.detach().double().exp().cpu() for row in v] for k, v in self.log_scales.items()})
+        return Rotations(r1=r1, r2=r2, r4=self.cfg.r4, scales=scales)
 
 
 @torch.no_grad()

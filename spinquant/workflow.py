@@ -171,10 +171,14 @@ def write_float_rotated(model_src: str, rbin: Path, out: Path) -> None:
     """Target qnn-float-rotated: the original model as a float Meta checkpoint plus R.bin, checked by reloading
     both and applying the rotations ourselves (the float function must be unchanged)."""
     from spinquant.atomic import atomic_dir
-    from spinquant.fusion import fuse_and_rotate, load_rbin
+    from spinquant.fusion import fuse_and_rotate, load_rbin, scales_path
     from spinquant.models import load_model, save_meta
     from spinquant.pipeline import max_rel_diff, probe_ids, try_load_tokenizer
 
+    if scales_path(rbin).is_file():
+        raise SpinQuantError(f"{rbin} comes with learned channel scales ({scales_path(rbin).name}), which a backend that "
+                             f"applies R.bin to the original float checkpoint would drop: quantize with spinquant instead "
+                             f"(an xnnpack target), or learn the rotations without --scales for this target")
     model = load_model(model_src)
     with atomic_dir(out) as tmp:
         save_meta(model, tmp)
@@ -401,6 +405,10 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
             run.unmark(stage)
     if rotations_from is not None:  # requantize: the rotations another run learned
         if not run.done("learn"):
+            from spinquant.fusion import scales_path
+
+            if scales_path(rotations_from).is_file():  # learned channel scales go with their rotations
+                shutil.copy(scales_path(rotations_from), scales_path(run.dir / "R.bin"))
             shutil.copy(rotations_from, run.dir / "R.bin")
             run.mark("learn", 0.0)
     elif not learn:  # --rotations hadamard / --steps 0: the random Hadamard start itself, from the config alone

