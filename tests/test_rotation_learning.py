@@ -134,7 +134,8 @@ def test_out_dir_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_pa
 
 
 def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_file, tmp_path):
-    """torchrun --nproc-per-node 2 (gloo on CPU) splits each batch across ranks: same effective batch, same rotations."""
+    """torchrun --nproc-per-node 2 (gloo on CPU) splits each batch across ranks: same effective batch, same rotations
+    and the same learned channel scales (their gradients are all-reduced too)."""
     import os
     import subprocess
     import sys
@@ -142,7 +143,7 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
 
     torchrun = Path(sys.executable).with_name("torchrun")
     args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "4",
-            "--batch-size", "4", "--seqlen", "48", "--device", "cpu", "--w-bits", "4"]
+            "--batch-size", "4", "--seqlen", "48", "--device", "cpu", "--w-bits", "4", "--scales", "--scale-lr", "0.05"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "spinquant", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -161,6 +162,9 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
     assert moved_r1 > 1e-3 and moved_r2 > 1e-3
     assert (a.r1 - b.r1).abs().max() < 0.05 * moved_r1
     assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 0.05 * moved_r2
+    moved_s = max((x.log()).abs().max().item() for x in a.scales.up_out)
+    assert moved_s > 1e-2
+    assert max((x - y).abs().max().item() for x, y in zip(a.scales.up_out, b.scales.up_out)) < 0.05 * moved_s
     la = json.loads((tmp_path / "one" / "losses.json").read_text())["losses"]
     lb = json.loads((tmp_path / "two" / "losses.json").read_text())["losses"]
     assert la == pytest.approx(lb, abs=1e-3)
