@@ -17,20 +17,27 @@ MASSIVE_RATIO = 50.0  # a channel is massive when its max |h| is this many times
 def channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """(layers, dim): max |h| per channel of each decoder layer's residual-stream input over ``windows`` (n, seqlen)."""
     out = torch.zeros(len(model.model.layers), model.config.hidden_size)
-    device = next(model.parameters()).device
     hooks = []
     for i, layer in enumerate(model.model.layers):
         def hook(_mod, args, kwargs, i=i):
             x = args[0] if args else kwargs["hidden_states"]
             out[i] = torch.maximum(out[i], x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu())
         hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    forward_windows(model, windows, hooks)
+    return out
+
+
+@torch.no_grad()
+def forward_windows(model: torch.nn.Module, windows: torch.Tensor, hooks: list) -> None:
+    """Run ``model`` on each of ``windows`` (n, seqlen) alone, then remove ``hooks`` (the handles of the observers
+    that watched those passes), also when a pass fails."""
+    device = next(model.parameters()).device
     try:
         for w in windows:
             model(w[None].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return out
 
 
 def relative_channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from spinquant.fusion import SCALE_KINDS, ChannelScales, Rotations, apply_rotations, fuse_and_rotate, head_dim
+from spinquant.outliers import forward_windows
 
 
 @torch.no_grad()
@@ -52,13 +53,7 @@ def activation_absmax(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[st
                   layer.mlp.gate_proj.register_forward_pre_hook(observe("mlp_in", i)),
                   layer.self_attn.o_proj.register_forward_pre_hook(observe("v_out", i, fold_heads=True)),
                   down.register_forward_pre_hook(observe("up_out", i))]  # before HadamardInputLinear's own rotation
-    device = next(model.parameters()).device
-    try:
-        for w in windows:
-            model(w[None].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(model, windows, hooks)
     return out
 
 
