@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import torch
 
 from _common import SHARED, quantized_copy
 from spinquant.data import CalibrationSet, calibration_windows
