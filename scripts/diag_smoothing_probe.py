@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-
 from _common import SHARED, quantized_copy
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
