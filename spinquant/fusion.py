@@ -113,13 +113,16 @@ class ChannelScales:
     v_out: list[torch.Tensor]
     up_out: list[torch.Tensor]
 
-    def expected_shapes(self, cfg) -> dict[str, tuple[int, ...]]:
-        return {"attn_in": (cfg.hidden_size,), "mlp_in": (cfg.hidden_size,),
-                "v_out": (cfg.num_key_value_heads * head_dim(cfg),), "up_out": (cfg.intermediate_size,)}
+    @staticmethod
+    def channels(cfg) -> dict[str, int]:
+        """Channels per layer of each kind (fusion.SCALE_KINDS) for a model config."""
+        return {"attn_in": cfg.hidden_size, "mlp_in": cfg.hidden_size,
+                "v_out": cfg.num_key_value_heads * head_dim(cfg), "up_out": cfg.intermediate_size}
 
     def check(self, cfg, where: str = "channel scales") -> None:
         """Shapes match the model, one per layer, every value finite and positive."""
-        for kind, shape in self.expected_shapes(cfg).items():
+        for kind, n in self.channels(cfg).items():
+            shape = (n,)
             per_layer = getattr(self, kind)
             if len(per_layer) != cfg.num_hidden_layers:
                 raise SpinQuantError(f"{where}: {len(per_layer)} '{kind}' scales for a model with {cfg.num_hidden_layers} layers")
@@ -257,6 +260,13 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
     return model
 
 
+def per_head_scales(v_out: torch.Tensor, hd: int, n_heads: int) -> torch.Tensor:
+    """(n_heads, hd): the v_out scales (n_kv_heads * hd,) each attention head's output carries; head h reads kv head
+    h // (n_heads / n_kv_heads), as transformers' repeat_kv. Differentiable."""
+    per_kv = v_out.view(-1, hd)
+    return per_kv.repeat_interleave(n_heads // per_kv.shape[0], dim=0)
+
+
 def _apply_layer_scales(layer: nn.Module, scales: ChannelScales, i: int, cfg) -> None:
     """Fuse layer ``i``'s channel scales (see :class:`ChannelScales`) into its norms and linears, in place, float64."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -276,8 +286,7 @@ def _apply_layer_scales(layer: nn.Module, scales: ChannelScales, i: int, cfg) ->
         for lin in readers:
             divide_columns(lin, s)
     multiply_rows(attn.v_proj, scales.v_out[i])
-    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads  # head h reads kv head h // n_rep (transformers' repeat_kv)
-    divide_columns(attn.o_proj, scales.v_out[i].view(-1, hd).repeat_interleave(n_rep, dim=0).reshape(-1))
+    divide_columns(attn.o_proj, per_head_scales(scales.v_out[i], hd, cfg.num_attention_heads).reshape(-1))
     multiply_rows(mlp.up_proj, scales.up_out[i])
     divide_columns(mlp.down_proj, scales.up_out[i])
 

@@ -463,9 +463,10 @@ def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dic
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
+    from spinquant.rotation import later_option_defaults
 
     # options added later are named only when set (r4 when off), so outputs made before them keep resuming
-    unset = {"r4": True, "max_angle": None, "frozen_channels": (), "scales": False, "scale_lr": 0.01, "scale_init": None}
+    unset = later_option_defaults()
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
               if k != "save_every" and not (k in unset and v == unset[k])}
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from transformers import LlamaForCausalLM
 from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, head_dim,
-                              orthogonality_error, save_rbin)
+                              orthogonality_error, per_head_scales, save_rbin)
 from spinquant.hadamard import hadamard_matrix
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
@@ -123,6 +123,16 @@ class LearnConfig:
             raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
 
 
+# LearnConfig options added after learning states and outputs were first saved: a saved state or output identity that
+# lacks one had its default, and an identity names one only when it differs from that default
+LATER_OPTIONS = ("r4", "max_angle", "frozen_channels", "scales", "scale_lr", "scale_init")
+
+
+def later_option_defaults() -> dict[str, Any]:
+    """The defaults of :data:`LATER_OPTIONS`, read off LearnConfig."""
+    return {f.name: f.default for f in fields(LearnConfig) if f.name in LATER_OPTIONS}
+
+
 def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM:
     """Fused norms, R4 folded (online Hadamard kept; unless ``cfg.r4`` is off), fake-quant modules of the learning scheme; weights frozen."""
     fuse_norms(model)
@@ -175,8 +185,7 @@ def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.T
                 out[f"{p}{name}.weight"] = out[f"{p}{name}.weight"] / scales[kind][i][None, :]
             s_v = scales["v_out"][i]
             out[f"{p}self_attn.v_proj.weight"] = out[f"{p}self_attn.v_proj.weight"] * s_v[:, None]
-            n_rep = wo.shape[1] * hd // s_v.shape[0]
-            wo = wo / s_v.view(-1, hd).repeat_interleave(n_rep, dim=0)[None]
+            wo = wo / per_head_scales(s_v, hd, wo.shape[1])[None]
             out[f"{p}mlp.up_proj.weight"] = out[f"{p}mlp.up_proj.weight"] * scales["up_out"][i][:, None]
             down = down / scales["up_out"][i][None, :]
             if h4 is not None:
@@ -251,9 +260,7 @@ class RotationLearner:
         With R4 on, prepare_model folded H4 into down_proj; the scales divide its columns before H4, so the base
         weight is unfolded once here (W = (W H4) H4ᵀ) and H4 is refolded in :func:`rotated_weights`."""
         config = model.config
-        shapes = {"attn_in": config.hidden_size, "mlp_in": config.hidden_size,
-                  "v_out": config.num_key_value_heads * self.hd, "up_out": config.intermediate_size}
-        self.log_scales = {k: torch.zeros(self.n_layers, n, device=self.device) for k, n in shapes.items()}
+        self.log_scales = {k: torch.zeros(self.n_layers, n, device=self.device) for k, n in ChannelScales.channels(config).items()}
         if initial is not None:
             initial.check(config, "initial channel scales")
             for k, v in self.log_scales.items():
@@ -306,9 +313,7 @@ class RotationLearner:
                                  f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
         if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
             raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
-        # states saved before these options existed
-        saved = {"r4": True, "max_angle": None, "frozen_channels": (), "scales": False, "scale_lr": 0.01, "scale_init": None,
-                 **st["config"]}
+        saved = {**later_option_defaults(), **st["config"]}  # states saved before these options existed
         if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")

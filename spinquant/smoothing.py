@@ -34,9 +34,7 @@ def activation_absmax(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[st
     (v_out: max over the heads sharing a kv head) and of down_proj before any online Hadamard (up_out)."""
     cfg = model.config
     hd, n_kv = head_dim(cfg), cfg.num_key_value_heads
-    n_layers = cfg.num_hidden_layers
-    out = {"attn_in": torch.zeros(n_layers, cfg.hidden_size), "mlp_in": torch.zeros(n_layers, cfg.hidden_size),
-           "v_out": torch.zeros(n_layers, n_kv * hd), "up_out": torch.zeros(n_layers, cfg.intermediate_size)}
+    out = {k: torch.zeros(cfg.num_hidden_layers, n) for k, n in ChannelScales.channels(cfg).items()}
 
     def observe(kind: str, i: int, fold_heads: bool = False):
         def hook(_mod, args):
