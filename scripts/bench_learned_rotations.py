@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -69,6 +70,11 @@ def main() -> None:
                     "quantization (what a .pte holds when the intermediate size is not a power of two, e.g. SmolLM2)")
     ap.add_argument("--gptq-target", choices=["layer", "float"], default="layer", help="GPTQ's target for every row: the "
                     "layer's own output (plain) or the float model's (WeightQuantConfig.float_target)")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal (static "
+                    "group scales; WeightQuantConfig.act_order) in every GPTQ row")
+    ap.add_argument("--weighted-clip", action="store_true", help="GPTQ's clip search weighs each column's error by "
+                    "1 / [H^-1]_jj (WeightQuantConfig.weighted_clip) in every GPTQ row")
+    ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
     ap.add_argument("--rtn", action="store_true", help="Also evaluate every rotation with RTN + range setting (no GPTQ).")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations_v2"))
     args = ap.parse_args()
@@ -87,7 +93,8 @@ def main() -> None:
     rows, curves = [], {}
 
     def quantized_eval(rot, scheme, method):
-        wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float")
+        wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float",
+                               act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
 
@@ -142,7 +149,7 @@ def main() -> None:
         plot_learning_curve(learner.losses, out.parent / f"{stem}_{out.name}.png", f"{target}: learning at {label}", loss=loss)
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
-                   "loss_first10": sum(learner.losses[:10]) / 10, "loss_last10": sum(learner.losses[-10:]) / 10,
+                   "loss_first10": mean(learner.losses[:10]), "loss_last10": mean(learner.losses[-10:]),
                    "step_angles": learner.angles})
 
     machine = f"{platform.node()} ({os.cpu_count()} CPU cores, torch {torch.__version__}, {device})"
@@ -151,7 +158,8 @@ def main() -> None:
                                                     "losses": curves}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
-             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
+             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target"
+             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]

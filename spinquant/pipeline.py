@@ -149,7 +149,7 @@ def rotations_file(spec: str) -> Path:
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
                       r4: bool = True) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4`` and the GPTQ float target are named only when they differ from the old behaviour, so runs made before
+    ``r4``, the GPTQ float target and weighted clip are named only when they differ from the old behaviour, so runs made before
     those options existed keep their identity."""
     from dataclasses import asdict
 
@@ -162,6 +162,8 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
              "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
     if wq.float_target and wq.method == "gptq":
         named["gptq_target"] = "float"
+    if wq.weighted_clip and wq.method == "gptq" and wq.clip_search:
+        named["gptq_clip"] = "weighted"
     return named if r4 else {**named, "r4": False}
 
 
@@ -229,6 +231,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "percdamp": wq.percdamp,
         "act_order": wq.act_order,
         "gptq_target": "float" if wq.float_target and wq.method == "gptq" else "layer",
+        "gptq_clip": "weighted" if wq.weighted_clip and wq.method == "gptq" and wq.clip_search else "plain",
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

@@ -55,6 +55,7 @@ class CalibrateOptions:
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
     gptq_target: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
+    gptq_clip: str | None = None  # plain | weighted: GPTQ's clip search weighs columns by 1 / [H^-1]_jj; None: default
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -147,9 +148,16 @@ def _calibration(opts: CalibrateOptions, nsamples: int):
     return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples, opts.text_field)
 
 
+def gptq_config(opts: CalibrateOptions):
+    """The WeightQuantConfig of calibrate's GPTQ (range setting on; target and clip weighting as resolved in ``opts``)."""
+    from spinquant.quant.apply import WeightQuantConfig
+
+    return WeightQuantConfig(method="gptq", clip_search=True, float_target=opts.gptq_target == "float",
+                             weighted_clip=opts.gptq_clip == "weighted")
+
+
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
     from spinquant.pipeline import quantize_to_run
-    from spinquant.quant.apply import WeightQuantConfig
 
     target = get_target(opts.target)
     tmp = Path(tempfile.mkdtemp(prefix=".stage-quantize-", dir=run.dir))
@@ -157,8 +165,7 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
         if target.scheme is None:
             write_float_rotated(model_src, rbin, tmp / "out")
         else:
-            quantize_to_run(model_src, str(tmp / "out"), target.scheme, WeightQuantConfig(method="gptq", clip_search=True,
-                                                                                 float_target=opts.gptq_target == "float"),
+            quantize_to_run(model_src, str(tmp / "out"), target.scheme, gptq_config(opts),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
                             r4=opts.r4 == "on")
@@ -229,11 +236,11 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
         if target.scheme is not None and opts.compare_hadamard:
             from spinquant.data import calibration_windows
             from spinquant.fusion import Rotations
-            from spinquant.quant.apply import WeightQuantConfig, quantize_model
+            from spinquant.quant.apply import quantize_model
 
             m = copy.deepcopy(float_model)
             fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
-            quantize_model(m, target.scheme, WeightQuantConfig(float_target=opts.gptq_target == "float"), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
+            quantize_model(m, target.scheme, gptq_config(opts), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
             ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
             del m
     # residual-stream outliers before and after the learned rotation, on a few windows
@@ -364,6 +371,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["recipe"]  # likewise named only when given
     if identity["gptq_target"] == "layer":
         del identity["gptq_target"]  # likewise named only when not plain GPTQ
+    if identity["gptq_clip"] == "plain":
+        del identity["gptq_clip"]  # likewise
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)

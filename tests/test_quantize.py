@@ -114,7 +114,13 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     assert ev.exit_code == 0, ev.output
     res = json.loads(ev.stdout.strip().splitlines()[-1])
     assert res["kl"] > 0 and 0 < res["top1"] <= 1
-    assert qc["gptq_target"] == "layer"
+    assert qc["gptq_target"] == "layer" and qc["gptq_clip"] == "plain"
+    weighted = tmp_path / "run_weighted_clip"  # --gptq-clip weighted: recorded, and other scales are chosen
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(weighted), "--calib-data", str(corpus_file),
+                                 "--nsamples", "4", "--seqlen", "64", "--gptq-clip", "weighted"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((weighted / "quant_config.json").read_text())["gptq_clip"] == "weighted"
+    assert not torch.equal(load_model(weighted).model.layers[1].mlp.up_proj.scales, load_model(out).model.layers[1].mlp.up_proj.scales)
     other = tmp_path / "run_float_target"  # --gptq-target float: recorded, and GPTQ picks other integers
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(other), "--calib-data", str(corpus_file),
                                  "--nsamples", "4", "--seqlen", "64", "--gptq-target", "float"])
@@ -280,3 +286,32 @@ def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_weighted_clip_weighs_columns_by_the_inverse_hessian_diagonal(act_order):
+    """weighted_clip: the solver's per-column importance is 1 / [H^-1]_jj of the damped Hessian (in processing order),
+    every group's scale is the weighted search's choice on the weights GPTQ holds when it reaches the group, and
+    the integers stay exportable (in [-8, 7], one scale per 32 contiguous columns)."""
+    from spinquant.quant.gptq import GptqSolver, HessianAccumulator
+    from spinquant.quant.range_setting import search_scales
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) ** 3
+    x = torch.randn(256, 64) * torch.linspace(0.1, 3.0, 64)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    solver = GptqSolver(acc.h, 4, 32, act_order=act_order, weighted_clip=True)
+    h = acc.h.double()[solver.perm][:, solver.perm]
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    expected = 1.0 / torch.linalg.inv(h).diagonal()  # the first column's; later ones condition on the earlier
+    assert torch.allclose(solver.importance[0].double(), expected[0], rtol=1e-4)
+    q, s = solver.quantize(w)
+    assert q.shape == w.shape and s.shape == (16, 2) and q.min() >= -8 and q.max() <= 7
+    if act_order:  # static groups: chosen up front from the original weights with the importance in column order
+        imp = solver.importance[torch.argsort(solver.perm)]
+        assert torch.equal(s, search_scales(w, 4, 32, importance=imp))
+    else:  # the first group is reached before any GPTQ update: its scales are the weighted search on w itself
+        assert torch.equal(s[:, :1], search_scales(w[:, :32], 4, None, importance=solver.importance[:32]))
+    unweighted_s = GptqSolver(acc.h, 4, 32, act_order=act_order).quantize(w)[1]
+    assert not torch.equal(s, unweighted_s)

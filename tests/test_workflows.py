@@ -47,10 +47,11 @@ def test_calibrate_run_directory(calibrated):
     md = (calibrated / "report.md").read_text()
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
-    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float"
-    assert json.loads((calibrated / "quant_config.json").read_text())["gptq_target"] == "float"
+    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "weighted"
+    qc = json.loads((calibrated / "quant_config.json").read_text())
+    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "weighted"
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target on 4 x 64; R4 online") in md and "Recipe" not in md
+            "as target, clip search weighted by 1 / [H^-1]_jj, on 4 x 64; R4 online") in md and "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
 
@@ -63,9 +64,11 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     # the defaults are Meta's recipe but for the options left unset (None), which take the recipe's values under
     # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
-    assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "max_angle": 0.0}
-    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {"gptq_target": "float", "max_angle": 0.05}
-    assert unset_values(None, {"gptq_target": "layer", "max_angle": None}) == {"max_angle": 0.05}  # given: kept
+    assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "gptq_clip": "plain",
+                                                                                  "max_angle": 0.0}
+    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {"gptq_target": "float",
+                                                                                           "gptq_clip": "weighted", "max_angle": 0.05}
+    assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
@@ -80,6 +83,9 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
                                  "--gptq-target", "float"])
     _one_line_error(r, "--recipe meta sets --gptq-target layer, but --gptq-target float was given")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
+                                 "--gptq-clip", "weighted"])
+    _one_line_error(r, "--recipe meta sets --gptq-clip plain, but --gptq-clip weighted was given")
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o5"), "--recipe", "meta",
                                  "--max-angle", "0.05"])
     _one_line_error(r, "--recipe meta sets --max-angle 0.0, but --max-angle 0.05 was given")
@@ -89,6 +95,7 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     opts = {**RECIPES["meta"], "recipe": "meta", "seed": 0, "learned": True, "r4": "on", "nsamples": 800}
     md = render_markdown({"model": "m", "target": "t", "options": opts})
     assert "Recipe **meta** (Meta's: W16A8KV16, cross-entropy" in md and "100 steps x 8 x 2048 tokens" in md
+    assert "GPTQ on 128 x 2048" in md
     md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float"}})
     assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target on 128 x 2048" in md
 

@@ -49,6 +49,7 @@ class WeightQuantConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     act_order: bool = False
+    weighted_clip: bool = False  # GPTQ's clip search weighs each column's error by 1 / [H^-1]_jj (quant/gptq.py)
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
@@ -133,7 +134,7 @@ def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: We
     if not named:
         return
     bits, group = named[0][1].w_bits, named[0][1].group_size
-    solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order)
+    solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order, cfg.weighted_clip)
     n_groups = named[0][1].in_features // (group or named[0][1].in_features)
     q = {n: torch.empty(lin.weight.shape, dtype=torch.int8, device=lin.weight.device) for n, lin in named}
     scales = {n: torch.empty(lin.out_features, n_groups, dtype=torch.float32, device=lin.weight.device) for n, lin in named}

@@ -42,12 +42,14 @@ class GptqSolver:
 
     Group scales are chosen (with range setting) from the error-updated weights when a group's first
     column is reached; with ``act_order`` the columns are processed by decreasing Hessian diagonal and
-    the scales of all groups are fixed up front from the original weights (static groups).
+    the scales of all groups are fixed up front from the original weights (static groups). With
+    ``weighted_clip`` the clip search weighs column j's error by ``1 / [H^-1]_jj`` (GPTQ's own cost of an error
+    there, from the damped factor) instead of equally.
     """
 
     @torch.no_grad()
     def __init__(self, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
-                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False) -> None:
+                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, weighted_clip: bool = False) -> None:
         h = h.detach().float().clone()
         in_f = h.shape[0]
         self.bits, self.group_size, self.clip_search, self.act_order = bits, group_size, clip_search, act_order
@@ -64,6 +66,8 @@ class GptqSolver:
             self.hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
         g = group_size or in_f
         self.blocksize = max(g, blocksize // g * g) if group_size else blocksize
+        # 1 / [H^-1]_jj in processing order: the Cholesky factor's diagonal squared is [H^-1]_jj given the later columns
+        self.importance = torch.diagonal(self.hinv).pow(-2) if weighted_clip else None
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +78,11 @@ class GptqSolver:
         g = group_size or in_f
         qmin, qmax = qrange(bits)
         w[:, self.dead] = 0.0
-        static_scales = choose_scales(w, bits, group_size, clip_search) if self.act_order or group_size is None else None
+        importance = self.importance
+        static_scales = None
+        if self.act_order or group_size is None:
+            static_scales = choose_scales(w, bits, group_size, clip_search,
+                                          None if importance is None else importance[torch.argsort(perm)])
         w = w[:, perm]
         scales = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=w.device) if static_scales is None else static_scales
         q = torch.zeros(out_f, in_f, dtype=torch.int8, device=w.device)
@@ -89,7 +97,8 @@ class GptqSolver:
                 orig_col = int(perm[col])
                 gi = orig_col // g
                 if static_scales is None and col % g == 0:
-                    scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search)[:, 0]
+                    scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search,
+                                                  None if importance is None else importance[col : col + g])[:, 0]
                 s = scales[:, gi]
                 wc = w1[:, i]
                 qc = torch.clamp(torch.round(wc * (1.0 / s)), qmin, qmax)
@@ -102,7 +111,8 @@ class GptqSolver:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
-                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
+                  weighted_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in). Returns (q int8 (out, in), scales float32 (out, in/g)).
     See :class:`GptqSolver`."""
-    return GptqSolver(h, bits, group_size, clip_search, percdamp, blocksize, act_order).quantize(w)
+    return GptqSolver(h, bits, group_size, clip_search, percdamp, blocksize, act_order, weighted_clip).quantize(w)
