@@ -87,8 +87,9 @@ def overwrite_option(fn):
 
 
 GPTQ_CLIP_HELP = ("Range setting inside GPTQ: each group's clip ratio minimises the weights' error with every input column "
-                  "counted equally (plain) or by GPTQ's own cost of an error there, 1 / [H^-1]_jj (weighted; SmolLM2 8da4w "
-                  "KL -7%, no extra time).")
+                  "counted equally (plain) or by GPTQ's own cost of an error there, 1 / [H^-1]_jj (weighted; no extra time; "
+                  "8da4w KL -7% on one SmolLM2 seed, within -4%..+8% of plain across seeds and targets: "
+                  "benchmarks/results/gptq_weighted_clip.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -350,7 +351,7 @@ def _target_help() -> str:
               help="GPTQ fits each linear's own output (layer) or the float model's (float: later layers absorb earlier errors; "
                    "SmolLM2 8da4w KL -19%, 2.2x GPTQ time; see README Results) [default: float; layer with --recipe meta].")
 @click.option("--gptq-clip", type=click.Choice(["plain", "weighted"]), default=None,
-              help=GPTQ_CLIP_HELP + " [default: weighted; plain with --recipe meta]")
+              help=GPTQ_CLIP_HELP + " [default: plain]")
 @click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
                    "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")

@@ -115,19 +115,15 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     res = json.loads(ev.stdout.strip().splitlines()[-1])
     assert res["kl"] > 0 and 0 < res["top1"] <= 1
     assert qc["gptq_target"] == "layer" and qc["gptq_clip"] == "plain"
-    weighted = tmp_path / "run_weighted_clip"  # --gptq-clip weighted: recorded, and other scales are chosen
-    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(weighted), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--gptq-clip", "weighted"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((weighted / "quant_config.json").read_text())["gptq_clip"] == "weighted"
-    assert not torch.equal(load_model(weighted).model.layers[1].mlp.up_proj.scales, load_model(out).model.layers[1].mlp.up_proj.scales)
-    other = tmp_path / "run_float_target"  # --gptq-target float: recorded, and GPTQ picks other integers
-    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(other), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--gptq-target", "float"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((other / "quant_config.json").read_text())["gptq_target"] == "float"
-    assert not torch.equal(load_model(other).model.layers[1].self_attn.q_proj.qweight, load_model(out).model.layers[1].self_attn.q_proj.qweight)
-
+    # --gptq-clip weighted (other clip ratios) and --gptq-target float (other integers): each recorded, each changes the result
+    for option, value, attr in (("--gptq-clip", "weighted", "scales"), ("--gptq-target", "float", "qweight")):
+        other = tmp_path / f"run_{value}"
+        r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(other), "--calib-data", str(corpus_file),
+                                     "--nsamples", "4", "--seqlen", "64", option, value])
+        assert r.exit_code == 0, r.output
+        assert json.loads((other / "quant_config.json").read_text())[option[2:].replace("-", "_")] == value
+        assert not torch.equal(getattr(load_model(other).model.layers[1].mlp.up_proj, attr),
+                               getattr(load_model(out).model.layers[1].mlp.up_proj, attr))
 
 def test_w4a4kv4_rtn_run(tiny_model_dir, tmp_path):
     out = tmp_path / "run"

@@ -47,11 +47,11 @@ def test_calibrate_run_directory(calibrated):
     md = (calibrated / "report.md").read_text()
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
-    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "weighted"
+    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "plain"
     qc = json.loads((calibrated / "quant_config.json").read_text())
-    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "weighted"
+    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain"
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target, clip search weighted by 1 / [H^-1]_jj, on 4 x 64; R4 online") in md and "Recipe" not in md
+            "as target on 4 x 64; R4 online") in md and "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
 
@@ -67,7 +67,7 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "gptq_clip": "plain",
                                                                                   "max_angle": 0.0}
     assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {"gptq_target": "float",
-                                                                                           "gptq_clip": "weighted", "max_angle": 0.05}
+                                                                                           "gptq_clip": "plain", "max_angle": 0.05}
     assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
@@ -98,6 +98,8 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     assert "GPTQ on 128 x 2048" in md
     md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float"}})
     assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target on 128 x 2048" in md
+    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "gptq_target": "float", "gptq_clip": "weighted"}})
+    assert "GPTQ with the float model as target, clip search weighted by 1 / [H^-1]_jj, on 128 x 2048" in md
 
 
 def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
@@ -131,9 +133,12 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     plain = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target", "layer")
     r = _calibrate(tiny_model_dir, out, corpus_file, *plain)
     assert r.exit_code == 2 and "gptq_target" in r.output, r.output
-    r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain)
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-clip", "weighted")
+    assert r.exit_code == 2 and "gptq_clip" in r.output, r.output
+    r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain, "--gptq-clip", "weighted")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "run_layer" / "quant_config.json").read_text())["gptq_target"] == "layer"
+    qc = json.loads((tmp_path / "run_layer" / "quant_config.json").read_text())
+    assert qc["gptq_target"] == "layer" and qc["gptq_clip"] == "weighted"
     assert (load_rbin(tmp_path / "run_layer" / "R.bin").r1 == got.r1).all()  # same rotation, other quantizer
 
 
