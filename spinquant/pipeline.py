@@ -149,8 +149,8 @@ def rotations_file(spec: str) -> Path:
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
                       r4: bool = True) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4``, the GPTQ float target and weighted clip are named only when they differ from the old behaviour, so runs made before
-    those options existed keep their identity."""
+    ``r4``, the GPTQ float target and the weighted clip search are named only when they differ from the old
+    behaviour, so runs made before those options existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input

@@ -16,8 +16,8 @@ from spinquant.errors import SpinQuantError
 # lr 1.5 with cosine decay, 100 steps x 8 windows x 2048 tokens (800 windows); GPTQ on 128 x 2048 tokens; R4 online.
 RECIPES: dict[str, dict[str, Any]] = {
     "meta": {"rotations": "learned", "steps": 100, "batch_size": 8, "nsamples": None, "seqlen": 2048, "lr": 1.5,
-             "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "gptq_target": "layer", "gptq_clip": "plain",
-             "max_angle": 0.0, "r4": "auto"},
+             "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "gptq_target": "layer",
+             "gptq_clip": "plain", "max_angle": 0.0, "r4": "auto"},
 }
 # What calibrate uses for these options when neither the user nor a --recipe sets them (their CalibrateOptions default
 # is None, "unset"): the settings that won on the held-out real model and did not lose on the shared one

@@ -66,7 +66,8 @@ class GptqSolver:
             self.hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
         g = group_size or in_f
         self.blocksize = max(g, blocksize // g * g) if group_size else blocksize
-        # 1 / [H^-1]_jj in processing order: the Cholesky factor's diagonal squared is [H^-1]_jj given the later columns
+        # 1 / U_jj^2 in processing order, U = hinv: U_jj^2 = [(H_FF)^-1]_jj with F = {j and the later columns}, the
+        # inverse-Hessian entry GPTQ's step at column j divides by once the earlier columns are fixed
         self.importance = torch.diagonal(self.hinv).pow(-2) if weighted_clip else None
 
     @torch.no_grad()
