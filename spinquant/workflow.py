@@ -346,6 +346,10 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     if opts.rotations not in ("learned", "hadamard"):
         raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
                              f"(the seeded random Hadamard, no learning)")
+    for name, allowed in (("gptq_target", ("float", "layer")), ("gptq_clip", ("plain", "weighted"))):
+        if getattr(opts, name) not in allowed:  # the CLI's choices; batch YAML and the Python API arrive unchecked
+            flag = "--" + name.replace("_", "-")
+            raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings

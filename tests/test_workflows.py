@@ -231,7 +231,12 @@ def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
                                  "--calib-data", str(empty), *FAST])
     _one_line_error(r, "is empty")
     _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o5", corpus_file, "--learn-weight-quant", "gptq"), "--w-bits 4")
-    for o in ("o1", "o2", "o3", "o5"):
+    # values the CLI's choices would refuse, reaching calibrate from a batch YAML or the Python API
+    with pytest.raises(workflow.SpinQuantError, match="--gptq-clip wighted: choose plain or weighted"):
+        workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_clip="wighted"))
+    with pytest.raises(workflow.SpinQuantError, match="--gptq-target Float: choose float or layer"):
+        workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_target="Float"))
+    for o in ("o1", "o2", "o3", "o5", "o6"):
         assert not (tmp_path / o).exists()
     assert not (tmp_path / "o4" / "report.json").exists() and not (tmp_path / "o4" / "stages.json").exists()
 
