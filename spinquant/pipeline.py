@@ -160,9 +160,9 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
              "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
              "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
              "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
-    if wq.float_target and wq.method == "gptq":
+    if wq.gptq_target == "float":
         named["gptq_target"] = "float"
-    if wq.weighted_clip and wq.method == "gptq" and wq.clip_search:
+    if wq.gptq_clip == "weighted":
         named["gptq_clip"] = "weighted"
     return named if r4 else {**named, "r4": False}
 
@@ -230,8 +230,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "clip_search": wq.clip_search,
         "percdamp": wq.percdamp,
         "act_order": wq.act_order,
-        "gptq_target": "float" if wq.float_target and wq.method == "gptq" else "layer",
-        "gptq_clip": "weighted" if wq.weighted_clip and wq.method == "gptq" and wq.clip_search else "plain",
+        "gptq_target": wq.gptq_target,
+        "gptq_clip": wq.gptq_clip,
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

@@ -54,6 +54,16 @@ class WeightQuantConfig:
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
+    @property
+    def gptq_target(self) -> str:
+        """What GPTQ fits, as recorded and named in run identities: "float" or "layer" (also for RTN)."""
+        return "float" if self.float_target and self.method == "gptq" else "layer"
+
+    @property
+    def gptq_clip(self) -> str:
+        """"weighted" when GPTQ's clip search runs weighted (GPTQ with range setting on), else "plain"."""
+        return "weighted" if self.weighted_clip and self.method == "gptq" and self.clip_search else "plain"
+
 
 # rows quantized together (GPTQ, RTN): 128 MiB of float32 weights, a 1B layer's gate+up at once
 GPTQ_CHUNK_ELEMENTS = 1 << 25

@@ -32,12 +32,12 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int | None, grid: int 
     absmax = weight_absmax(w.float(), group_size).clamp_min(torch.finfo(torch.float32).tiny)
     groups = wg.reshape(-1, wg.shape[-1])  # (n_groups, g)
     amax = absmax.reshape(-1)
-    col_weight = None
+    per_group = None
     if importance is not None:
         if importance.shape != (w.shape[1],):
             raise ValueError(f"importance has shape {tuple(importance.shape)}; expected ({w.shape[1]},), one per input column")
-        per_group = importance.float().reshape(wg.shape[1], wg.shape[2])  # (in / g, g), group j of every row
-        col_weight = per_group.repeat(w.shape[0], 1)  # (n_groups, g), the rows of `groups`
+        # (in / g, g): row k of `groups` is group k % (in / g) of its weight row
+        per_group = importance.float().reshape(wg.shape[1], wg.shape[2])
     best_scale = torch.empty_like(amax)
     rows = max(1, chunk_elements // groups.shape[1])
     ratios = [1.0 - (1.0 - min_ratio) * i / grid for i in range(grid + 1)]
@@ -46,12 +46,16 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int | None, grid: int 
         best_err = torch.full_like(am, float("inf"))
         best = am / qmax
         buf = torch.empty_like(x)
+        # this chunk's column weights, gathered once per chunk (not a copy of W's size for the whole matrix)
+        col_weight = None
+        if per_group is not None:
+            col_weight = per_group[torch.arange(a, a + x.shape[0], device=x.device) % per_group.shape[0]]
         for ratio in ratios:
             s = ratio * am / qmax
             torch.mul(x, (1.0 / s)[:, None], out=buf)
             buf.round_().clamp_(qmin, qmax).mul_(s[:, None]).sub_(x).abs_().pow_(norm)  # |w_hat - w|^norm
             if col_weight is not None:
-                buf.mul_(col_weight[a : a + rows])
+                buf.mul_(col_weight)
             err = buf.sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
