@@ -25,9 +25,10 @@ import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import Rotations
+from spinquant.fusion import Rotations, load_rbin, save_rbin
 from spinquant.models import load_model, load_tokenizer
 from spinquant.outliers import massive_channels
+from spinquant.pipeline import rotations_file
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
 from spinquant.rotation import LearnConfig, RotationLearner, initial_scales, plot_learning_curve, prepare_model
@@ -75,6 +76,13 @@ def main() -> None:
     ap.add_argument("--weighted-clip", action="store_true", help="GPTQ's clip search weighs each column's error by "
                     "1 / [H^-1]_jj (WeightQuantConfig.weighted_clip) in every GPTQ row")
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
+    ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
+                    help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
+    ap.add_argument("--save-rotations", default=None, metavar="DIR",
+                    help="Write each learned rotation (and its channel scales) to DIR/TARGET/R.bin, for --load-rotations")
+    ap.add_argument("--load-rotations", default=None, metavar="PATH",
+                    help="Also evaluate the rotations in PATH (an R.bin, or a directory holding one) for each target, "
+                         "without learning them again")
     ap.add_argument("--rtn", action="store_true", help="Also evaluate every rotation with RTN + range setting (no GPTQ).")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/learned_rotations_v2"))
     args = ap.parse_args()
@@ -94,7 +102,8 @@ def main() -> None:
 
     def quantized_eval(rot, scheme, method):
         wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float",
-                               act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip)
+                               act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip,
+                               target_percdamp=args.target_damp)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
 
@@ -121,6 +130,9 @@ def main() -> None:
                 rot.scales = smooth_scales(base, rot, learn_windows[:8], alpha=args.smooth_baseline)
                 gptq_eval(f"{target} random Hadamard + SmoothQuant scales (alpha {args.smooth_baseline}) + GPTQ", rot, scheme,
                           {"target": target, "smooth_alpha": args.smooth_baseline})
+            if args.load_rotations is not None:
+                gptq_eval(f"{target} rotations from {args.load_rotations} + GPTQ", load_rbin(rotations_file(args.load_rotations),
+                          r4=not args.no_r4), scheme, {"target": target, "rotations": args.load_rotations})
             for extra_seed in [int(x) for x in args.hadamard_seeds.split(",") if x]:
                 gptq_eval(f"{target} random Hadamard (seed {extra_seed}) + GPTQ", Rotations.random_hadamard(base, extra_seed, r4=not args.no_r4), scheme,
                           {"target": target, "hadamard_seed": extra_seed})
@@ -147,6 +159,9 @@ def main() -> None:
         stem = (f"learning_curve_{target}_W{wbits}A{a_bits}KV{kv_bits}_{loss}" + ("_gptq" if weight_quant == "gptq" else "")
                 + ("_scales" if args.scales else ""))
         plot_learning_curve(learner.losses, out.parent / f"{stem}_{out.name}.png", f"{target}: learning at {label}", loss=loss)
+        if args.save_rotations is not None:
+            (Path(args.save_rotations) / target).mkdir(parents=True, exist_ok=True)
+            save_rbin(learner.rotations(), Path(args.save_rotations) / target / "R.bin")
         gptq_eval(f"{target} learned ({label}) + GPTQ", learner.rotations(), scheme,
                   {"target": target, "learn_s": learner.seconds, "learn_steps_per_s": learner.step / learner.seconds,
                    "loss_first10": mean(learner.losses[:10]), "loss_last10": mean(learner.losses[-10:]),
@@ -159,7 +174,7 @@ def main() -> None:
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
              f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target"
-             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
+             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]

@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
                     "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target), gptq+wclip, gptq-float+wclip "
                     "(GPTQ's clip search weighted by 1 / [H^-1]_jj: WeightQuantConfig.weighted_clip)")
+    ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
+    ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
+                    help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -84,7 +87,8 @@ def main() -> None:
             for method, clip, float_target, weighted, label in (methods[k] for k in args.methods.split(",")):
                 t = time.perf_counter()
                 rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
-                wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target, weighted_clip=weighted)
+                wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target, weighted_clip=weighted,
+                                       percdamp=args.percdamp, target_percdamp=args.target_damp)
                 model = quantized_copy(base, rot, scheme, wq, calib)
                 record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)
 
@@ -97,7 +101,9 @@ def main() -> None:
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Evaluation: WikiText-2 test, first {windows.shape[0]} windows of {args.seqlen} tokens ({windows.shape[0] * (args.seqlen - 1)} "
              f"predicted tokens); KL(float32 || model) in nats/token; GPTQ calibration: {args.nsamples} x {args.seqlen} tokens of "
-             f"{Path(args.calib_data).name}.", "",
+             f"{Path(args.calib_data).name}"
+             f"{f', damping {args.percdamp}' if args.percdamp != 0.01 else ''}"
+             f"{f', float-target damping {args.target_damp}' if 'gptq-float' in args.methods else ''}.", "",
              "| scheme | rotation | method | PPL | KL | top-1 | quantize time (s) |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scheme'] if r['scheme'] != '-' else r['setting']} | {r['rotation']} | {r['method']} | {r['ppl']:.2f} | "

@@ -17,6 +17,7 @@ import logging
 import click
 
 from spinquant.errors import SpinQuantError
+from spinquant.quant.scheme import FLOAT_TARGET_PERCDAMP
 
 # torchao (pulled in by transformers/executorch) warns on import about CUDA-only extensions it cannot
 # load on a CPU machine, and torch about deprecated pytree registrations: noise for CLI users.
@@ -90,6 +91,11 @@ GPTQ_CLIP_HELP = ("Range setting inside GPTQ: each group's clip ratio minimises 
                   "counted equally (plain) or by GPTQ's own cost of an error there, 1 / [H^-1]_jj (weighted; no extra time; "
                   "SmolLM2 8da4w KL 0.91x with plain GPTQ, 0.99x with --gptq-target float, +2% on the 25M model: "
                   "benchmarks/results/gptq_weighted_clip.md).")
+
+GPTQ_TARGET_DAMP_HELP = ("With --gptq-target float: ridge damping of its least-squares fit to the float model, as a fraction "
+                         "of the mean Hessian diagonal; larger pulls the fit towards the layer's own weights, infinity = --gptq-target "
+                         "layer (SmolLM2 8da4w: 0.1 gives 0.82x the KL of 0.01 over three Hadamard seeds: "
+                         "benchmarks/results/gptq_float_target_damping.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,9 +193,13 @@ def calibration_options(nsamples_default: int):
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ Hessian damping.")
 @click.option("--gptq-target", type=click.Choice(["layer", "float"]), default="layer", show_default=True,
               help="What GPTQ makes each linear reproduce on its quantized inputs: its own float weight's output (layer), "
-                   "or the float model's output, so later layers also absorb the earlier layers' error (float; GPTAQ).")
+                   "or the float model's output, so later layers also absorb the earlier layers' error (float; GPTAQ; "
+                   "calibrate's default; 2.2x the GPTQ time; better on Hadamard rotations at 8da4w, W4A4KV4 and W4A16, "
+                   "but much worse with learned channel scales at W4A4KV4: README Results).")
 @click.option("--gptq-clip", type=click.Choice(["plain", "weighted"]), default="plain", show_default=True,
               help=GPTQ_CLIP_HELP)
+@click.option("--gptq-target-damp", type=float, default=FLOAT_TARGET_PERCDAMP, show_default=True,
+              help=GPTQ_TARGET_DAMP_HELP)
 @calibration_options(128)
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
@@ -197,7 +207,7 @@ def calibration_options(nsamples_default: int):
 @overwrite_option
 @friendly_errors
 def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
-             percdamp, gptq_target, gptq_clip, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
+             percdamp, gptq_target, gptq_clip, gptq_target_damp, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
     from spinquant.quant.apply import WeightQuantConfig
@@ -205,7 +215,8 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
 
     scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, a_clip=a_clip, kv_bits=kv_bits)
     wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order,
-                           float_target=gptq_target == "float", weighted_clip=gptq_clip == "weighted")
+                           float_target=gptq_target == "float", weighted_clip=gptq_clip == "weighted",
+                           target_percdamp=gptq_target_damp)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field) if method == "gptq" else None
@@ -214,6 +225,8 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
     click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}"
                f"{'' if r4 or rotations == 'none' else ' without R4'}, "
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
+    if cfg.get("warning"):
+        click.echo(f"warning: {cfg['warning']}", err=True)
 
 
 @cli.command("export")
@@ -349,9 +362,11 @@ def _target_help() -> str:
 @click.option("--gptq-nsamples", default=128, show_default=True, help="Calibration windows for GPTQ (and range setting).")
 @click.option("--gptq-target", type=click.Choice(["layer", "float"]), default=None,
               help="GPTQ fits each linear's own output (layer) or the float model's (float: later layers absorb earlier errors; "
-                   "SmolLM2 8da4w KL -19%, 2.2x GPTQ time; see README Results) [default: float; layer with --recipe meta].")
+                   "SmolLM2 8da4w KL 0.71x, 2.2x GPTQ time; see README Results) [default: float; layer with --recipe meta].")
 @click.option("--gptq-clip", type=click.Choice(["plain", "weighted"]), default=None,
               help=GPTQ_CLIP_HELP + " [default: plain]")
+@click.option("--gptq-target-damp", type=float, default=None,
+              help=GPTQ_TARGET_DAMP_HELP + f" [default: {FLOAT_TARGET_PERCDAMP}]")
 @click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
                    "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")

@@ -149,8 +149,8 @@ def rotations_file(spec: str) -> Path:
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
                       r4: bool = True) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4``, the GPTQ float target and the weighted clip search are named only when they differ from the old
-    behaviour, so runs made before those options existed keep their identity."""
+    ``r4``, the GPTQ float target (and its damping) and the weighted clip search are named only when they differ from
+    the old behaviour, so runs made before those options existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
@@ -162,6 +162,8 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
              "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
     if wq.gptq_target == "float":
         named["gptq_target"] = "float"
+        if wq.target_percdamp != wq.percdamp:  # the float target was damped like GPTQ's Hessian until 2026-11-29
+            named["target_percdamp"] = wq.target_percdamp
     if wq.gptq_clip == "weighted":
         named["gptq_clip"] = "weighted"
     return named if r4 else {**named, "r4": False}
@@ -231,6 +233,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "percdamp": wq.percdamp,
         "act_order": wq.act_order,
         "gptq_target": wq.gptq_target,
+        "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
         "gptq_clip": wq.gptq_clip,
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
@@ -240,6 +243,9 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "output_error": wq.stats.get("output_error"),
         **(extra_config or {}),
     }
+    if rot is not None and rot.scales is not None and wq.gptq_target == "float":
+        config["warning"] = ("--gptq-target float with learned channel scales: measured much worse than plain GPTQ on "
+                             "SmolLM2 at W4A4KV4 (KL 0.854 vs 0.609); compare with --gptq-target layer")
     ids = probe_ids(model.config.vocab_size)
     with torch.no_grad():
         expected = model(ids).logits

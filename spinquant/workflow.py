@@ -56,6 +56,7 @@ class CalibrateOptions:
     gptq_nsamples: int = 128
     gptq_target: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
     gptq_clip: str | None = None  # plain | weighted: GPTQ's clip search weighs columns by 1 / [H^-1]_jj; None: default
+    gptq_target_damp: float | None = None  # the float target's ridge damping (WeightQuantConfig.target_percdamp); None: default
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -153,7 +154,7 @@ def gptq_config(opts: CalibrateOptions):
     from spinquant.quant.apply import WeightQuantConfig
 
     return WeightQuantConfig(method="gptq", clip_search=True, float_target=opts.gptq_target == "float",
-                             weighted_clip=opts.gptq_clip == "weighted")
+                             weighted_clip=opts.gptq_clip == "weighted", target_percdamp=opts.gptq_target_damp)
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
@@ -334,6 +335,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     """
     from spinquant.atomic import remove_stale_partials
     from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
+    from spinquant.quant.scheme import FLOAT_TARGET_PERCDAMP
     from spinquant.recipes import check_recipe, unset_values
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
@@ -350,6 +352,9 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         if getattr(opts, name) not in allowed:  # the CLI's choices; batch YAML and the Python API arrive unchecked
             flag = "--" + name.replace("_", "-")
             raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
+    if not isinstance(opts.gptq_target_damp, (int, float)) or not opts.gptq_target_damp >= 0:
+        raise SpinQuantError(f"--gptq-target-damp {opts.gptq_target_damp}: damping must be a number >= 0 (a fraction of the "
+                             f"mean Hessian diagonal; default {FLOAT_TARGET_PERCDAMP})")
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
@@ -377,6 +382,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["gptq_target"]  # likewise named only when not plain GPTQ
     if identity["gptq_clip"] == "plain":
         del identity["gptq_clip"]  # likewise
+    if opts.gptq_target != "float" or opts.gptq_target_damp == 0.01:
+        del identity["gptq_target_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)

@@ -169,6 +169,12 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
     assert r.exit_code == 0, r.output
     kept = load_rbin(run / "R.bin")
     assert kept.scales is not None and torch.allclose(kept.scales.up_out[1], rot.scales.up_out[1])
+    assert "warning" not in r.output
+    # the float target with scales: allowed, but said (measured much worse than plain GPTQ at W4A4KV4 on SmolLM2)
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_f"), "--rotations",
+                                 str(learned), "--calib-data", str(corpus_file), "--nsamples", "8", "--seqlen", "64",
+                                 "--gptq-target", "float"])
+    assert r.exit_code == 0 and "warning: --gptq-target float with learned channel scales" in r.output, r.output
     r = CliRunner().invoke(cli, ["export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4",
                                  "--max-seq-len", "128"])
     assert r.exit_code == 0, r.output

@@ -124,6 +124,20 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
         assert json.loads((other / "quant_config.json").read_text())[option[2:].replace("-", "_")] == value
         assert not torch.equal(getattr(load_model(other).model.layers[1].mlp.up_proj, attr),
                                getattr(load_model(out).model.layers[1].mlp.up_proj, attr))
+    # the float target's damping: the default recorded, another value recorded and other integers, a bad one refused
+    assert qc["target_percdamp"] is None  # plain GPTQ: nothing fitted, nothing damped
+    assert json.loads((tmp_path / "run_float" / "quant_config.json").read_text())["target_percdamp"] == 0.1
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_damp"), "--calib-data",
+                                 str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--gptq-target", "float",
+                                 "--gptq-target-damp", "0.01"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run_damp" / "quant_config.json").read_text())["target_percdamp"] == 0.01
+    assert not torch.equal(load_model(tmp_path / "run_damp").model.layers[1].mlp.up_proj.qweight,
+                           load_model(tmp_path / "run_float").model.layers[1].mlp.up_proj.qweight)
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_neg"), "--calib-data",
+                                 str(corpus_file), "--gptq-target-damp", "-0.1"])
+    assert r.exit_code == 2 and "--gptq-target-damp -0.1: damping must be >= 0" in r.output, r.output
+    assert not (tmp_path / "run_neg").exists()
 
 def test_w4a4kv4_rtn_run(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
@@ -262,6 +276,11 @@ def test_float_target_least_squares_undoes_a_known_input_distortion():
     assert rel_diff(x_quant @ target.T, x_float @ w.T) < 1e-4
     undamped_same = least_squares_target(w, plain.h, plain.h, percdamp=0.0)  # no distortion: W itself
     assert torch.allclose(undamped_same, w, atol=1e-4)
+    # the ridge damping λ = percdamp x mean diag(H̃) pulls W* towards W (not towards 0), as the closed form says
+    lam = 0.1 * torch.mean(torch.diag(acc.h.double()))
+    closed = w.double() + w.double() @ (acc.c.double() - acc.h.double()) @ torch.linalg.inv(acc.h.double() + lam * torch.eye(16))
+    assert torch.allclose(least_squares_target(w, acc.c, acc.h, percdamp=0.1).double(), closed, rtol=1e-5, atol=1e-6)
+    assert rel_diff(least_squares_target(w, acc.c, acc.h, percdamp=1e6), w) < 1e-4
 
 
 def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):

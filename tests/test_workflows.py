@@ -48,10 +48,11 @@ def test_calibrate_run_directory(calibrated):
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
     assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "plain"
+    assert cfg["gptq_target_damp"] == 0.1
     qc = json.loads((calibrated / "quant_config.json").read_text())
-    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain"
+    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain" and qc["target_percdamp"] == 0.1
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target on 4 x 64; R4 online") in md and "Recipe" not in md
+            "as target (fit damped 0.1) on 4 x 64; R4 online") in md and "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
 
@@ -65,10 +66,11 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
     assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "gptq_clip": "plain",
-                                                                                  "max_angle": 0.0}
-    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {"gptq_target": "float",
-                                                                                           "gptq_clip": "plain", "max_angle": 0.05}
-    assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None}) == {"max_angle": 0.05}  # given: kept
+                                                                                  "max_angle": 0.0, "gptq_target_damp": 0.1}
+    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {
+        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1}
+    assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None,
+                               "gptq_target_damp": 0.01}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
@@ -96,10 +98,12 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     md = render_markdown({"model": "m", "target": "t", "options": opts})
     assert "Recipe **meta** (Meta's: W16A8KV16, cross-entropy" in md and "100 steps x 8 x 2048 tokens" in md
     assert "GPTQ on 128 x 2048" in md
-    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float"}})
-    assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target on 128 x 2048" in md
+    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float",
+                                                                   "gptq_target_damp": 0.1}})
+    assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target (fit damped 0.1) on 128 x 2048" in md
     md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "gptq_target": "float", "gptq_clip": "weighted"}})
-    assert "GPTQ with the float model as target, clip search weighted by 1 / [H^-1]_jj, on 128 x 2048" in md
+    # a run recorded before the damping was an option: its fit was damped as GPTQ's Hessian, 0.01
+    assert "GPTQ with the float model as target (fit damped 0.01), clip search weighted by 1 / [H^-1]_jj, on 128 x 2048" in md
 
 
 def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
@@ -135,6 +139,8 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     assert r.exit_code == 2 and "gptq_target" in r.output, r.output
     r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-clip", "weighted")
     assert r.exit_code == 2 and "gptq_clip" in r.output, r.output
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target-damp", "0.01")
+    assert r.exit_code == 2 and "gptq_target_damp" in r.output, r.output
     r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain, "--gptq-clip", "weighted")
     assert r.exit_code == 0, r.output
     qc = json.loads((tmp_path / "run_layer" / "quant_config.json").read_text())
@@ -236,6 +242,9 @@ def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
         workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_clip="wighted"))
     with pytest.raises(workflow.SpinQuantError, match="--gptq-target Float: choose float or layer"):
         workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_target="Float"))
+    for bad in (-0.5, float("nan"), "0.1"):
+        with pytest.raises(workflow.SpinQuantError, match=f"--gptq-target-damp {bad}: damping must be a number >= 0"):
+            workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_target_damp=bad))
     for o in ("o1", "o2", "o3", "o5", "o6"):
         assert not (tmp_path / o).exists()
     assert not (tmp_path / "o4" / "report.json").exists() and not (tmp_path / "o4" / "stages.json").exists()

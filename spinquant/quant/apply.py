@@ -13,9 +13,15 @@ the *float model's* output instead, ``min ||W X - Q X̃||`` (X: the float model'
 linear on the same tokens; the objective of GPTAQ, Li et al. 2025). That objective splits exactly:
 with the least-squares weight ``W* = W C H̃⁻¹`` (``C = X X̃ᵀ``, ``H̃ = X̃ X̃ᵀ``, both summed over the
 calibration tokens), ``||W X - Q X̃||² = ||W X - W* X̃||² + ||(W* - Q) X̃||²``, so GPTQ of W* on H̃
-solves it (the damping pulls W* towards W). A float copy of the current decoder layer runs beside the
-quantized one to give X: the float stream's hidden states are one more copy of the calibration inputs, and the
-paired linear inputs are alive one batch at a time.
+solves it. The fit is ridge-damped towards W (``least_squares_target``) more strongly than GPTQ damps its
+Hessian: ``target_percdamp`` 0.1 against GPTQ's 0.01 (benchmarks/results/gptq_float_target_damping.md: on SmolLM2
+8da4w, 0.82x the KL of a fit damped 0.01 over three Hadamard seeds, a sixth of their spread; on the 25M model
+better at all three schemes; the likely cause: an exact fit on tens of thousands of tokens overfits the directions of
+little input variance, which after R1 are most directions of a model with massive activations). With learned channel
+scales 0.1 is far too little (SmolLM2 W4A4KV4: KL 0.854, plain GPTQ 0.609, 1.0 gives 0.618): λ is one number for
+input channels whose variances the scales made very unequal. A float copy of the current
+decoder layer runs beside the quantized one to give X: the float stream's hidden states are one more copy of the
+calibration inputs, and the paired linear inputs are alive one batch at a time.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from spinquant.errors import SpinQuantError
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
-from spinquant.quant.scheme import FLOAT, QuantScheme
+from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme
 
 # execution order of a decoder layer's linears; the first of each group is observed for the group's Hessian
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -51,8 +58,14 @@ class WeightQuantConfig:
     act_order: bool = False
     weighted_clip: bool = False  # GPTQ's clip search weighs each column's error by 1 / [H^-1]_jj (quant/gptq.py)
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
+    target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (least_squares_target; module docstring)
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--percdamp", self.percdamp), ("--gptq-target-damp", self.target_percdamp)):
+            if not value >= 0:  # also NaN
+                raise SpinQuantError(f"{flag} {value}: damping must be >= 0 (a fraction of the mean Hessian diagonal)")
 
     @property
     def gptq_target(self) -> str:
@@ -293,7 +306,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
                 acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
                 for _, lin in named:
                     if lin.w_bits < FLOAT:
-                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h, cfg.percdamp)
+                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp)
             else:
                 first = _get(layer, group[0])
                 acc = HessianAccumulator(first.in_features, device)
@@ -314,7 +327,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
             for b in range(0, inps.shape[0], cfg.batch_size):
                 acc.add(norm(finps[b : b + cfg.batch_size]).reshape(-1, head.in_features).float(),
                         head.quantize_input(norm(inps[b : b + cfg.batch_size])).reshape(-1, head.in_features).float())
-            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.percdamp)
+            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp)
         else:
             acc = HessianAccumulator(head.in_features, device)
             for b in range(0, inps.shape[0], cfg.batch_size):

@@ -12,6 +12,9 @@ ACT_BITS = (4, 8, 16)
 KV_BITS = (4, 8, 16)
 GROUP_SIZES = (32, 64, 128, 256)  # what ExecuTorch's pre-quantized loader accepts; 0/None = per channel
 FLOAT = 16  # "bits = 16" means: left in floating point
+# GPTQ's float target (quant/apply.py): ridge damping of its least-squares fit, a fraction of the mean Hessian diagonal.
+# Here, not in apply.py, so that the CLI can show it without importing torch.
+FLOAT_TARGET_PERCDAMP = 0.1
 
 
 @dataclass(frozen=True)
