@@ -335,7 +335,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     """
     from spinquant.atomic import remove_stale_partials
     from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
-    from spinquant.quant.scheme import FLOAT_TARGET_PERCDAMP
+    from spinquant.quant.scheme import check_damping
     from spinquant.recipes import check_recipe, unset_values
     from spinquant.rotation import LearnConfig
     from spinquant.run_dir import versions
@@ -352,9 +352,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         if getattr(opts, name) not in allowed:  # the CLI's choices; batch YAML and the Python API arrive unchecked
             flag = "--" + name.replace("_", "-")
             raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
-    if not isinstance(opts.gptq_target_damp, (int, float)) or not opts.gptq_target_damp >= 0:
-        raise SpinQuantError(f"--gptq-target-damp {opts.gptq_target_damp}: damping must be a number >= 0 (a fraction of the "
-                             f"mean Hessian diagonal; default {FLOAT_TARGET_PERCDAMP})")
+    check_damping("--gptq-target-damp", opts.gptq_target_damp)  # before any learning; GPTQ's config checks it again
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings

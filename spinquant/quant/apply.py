@@ -35,12 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from spinquant.errors import SpinQuantError
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
-from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme
+from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme, check_damping
 
 # execution order of a decoder layer's linears; the first of each group is observed for the group's Hessian
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -63,9 +62,8 @@ class WeightQuantConfig:
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for flag, value in (("--percdamp", self.percdamp), ("--gptq-target-damp", self.target_percdamp)):
-            if not value >= 0:  # also NaN
-                raise SpinQuantError(f"{flag} {value}: damping must be >= 0 (a fraction of the mean Hessian diagonal)")
+        check_damping("--percdamp", self.percdamp)
+        check_damping("--gptq-target-damp", self.target_percdamp)
 
     @property
     def gptq_target(self) -> str:

@@ -17,6 +17,12 @@ FLOAT = 16  # "bits = 16" means: left in floating point
 FLOAT_TARGET_PERCDAMP = 0.1
 
 
+def check_damping(flag: str, value: object) -> None:
+    """Refuse a GPTQ damping (a fraction of the mean Hessian diagonal) that is not a number >= 0, naming ``flag``."""
+    if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` also catches NaN
+        raise SpinQuantError(f"{flag} {value}: damping must be a number >= 0 (a fraction of the mean Hessian diagonal)")
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """Bits and granularity of every quantized tensor. 16 bits = not quantized.
