@@ -57,7 +57,9 @@ def main() -> None:
     ap.add_argument("--smooth-baseline", type=float, default=None, metavar="ALPHA", help="also evaluate the random Hadamard "
                     "of --seed with SmoothQuant's channel scales of this alpha (smoothing.py) and no learning")
     ap.add_argument("--gptq-nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=1024, help="GPTQ and evaluation window length")
+    ap.add_argument("--seqlen", type=int, default=1024, help="evaluation window length (and GPTQ's unless --gptq-seqlen)")
+    ap.add_argument("--gptq-seqlen", type=int, default=None,
+                    help="GPTQ's calibration window length when it differs from --seqlen (calibrate's default: 2048)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="8da4w:16,8da4w:4,w4a4kv4:16",
@@ -76,6 +78,9 @@ def main() -> None:
     ap.add_argument("--weighted-clip", action="store_true", help="GPTQ's clip search weighs each column's error by "
                     "1 / [H^-1]_jj (WeightQuantConfig.weighted_clip) in every GPTQ row")
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
+    ap.add_argument("--target-damp-mode", choices=("mean", "channel"), default="mean",
+                    help="the float target's damping: damp x mean diag(H~) or damp x H~_jj per input channel "
+                         "(WeightQuantConfig.target_damp_mode)")
     ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
                     help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
     ap.add_argument("--save-rotations", default=None, metavar="DIR",
@@ -91,7 +96,8 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     base = load_model(args.model)
     eval_windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
-    gptq_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.gptq_nsamples, seqlen=args.seqlen, seed=args.seed), tok)
+    gptq_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.gptq_nsamples,
+                                                      seqlen=args.gptq_seqlen or args.seqlen, seed=args.seed), tok)
     learn_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.steps * args.batch_size,
                                                        seqlen=args.learn_seqlen, seed=args.seed + 1), tok)
     reference = cached_logits_fn(hf_logits_fn(base))
@@ -103,7 +109,7 @@ def main() -> None:
     def quantized_eval(rot, scheme, method):
         wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float",
                                act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip,
-                               target_percdamp=args.target_damp)
+                               target_percdamp=args.target_damp, target_damp_mode=args.target_damp_mode)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
 
@@ -174,7 +180,7 @@ def main() -> None:
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
              f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target"
-             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}): {args.gptq_nsamples} x {args.seqlen} tokens. Evaluation: first "
+             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}{' per channel' if args.gptq_target == 'float' and args.target_damp_mode == 'channel' else ''}): {args.gptq_nsamples} x {args.gptq_seqlen or args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]

@@ -283,6 +283,28 @@ def test_float_target_least_squares_undoes_a_known_input_distortion():
     assert rel_diff(least_squares_target(w, acc.c, acc.h, percdamp=1e6), w) < 1e-4
 
 
+def test_float_target_channel_damping_is_covariant_under_input_scales():
+    """mode "channel" damps input channel j by percdamp x H̃_jj: the closed form, and channel scales S (inputs S x,
+    weights W S⁻¹) give W* S⁻¹, whereas one λ for all channels ("mean") fits the rescaled channels differently."""
+    from spinquant.quant.apply import least_squares_target
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    x_float = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    x_quant = x_float + 0.2 * torch.randn(300, 12, generator=g, dtype=torch.float64)
+    c, h = x_float.T @ x_quant, x_quant.T @ x_quant
+    closed = w + w @ (c - h) @ torch.linalg.inv(h + 0.1 * torch.diag(torch.diag(h)))
+    assert torch.allclose(least_squares_target(w, c, h, 0.1, "channel"), closed, rtol=1e-10, atol=1e-12)
+    s = torch.logspace(-2, 2, 12, dtype=torch.float64)  # very unequal channel scales, as learned ones can be
+    scaled = {mode: least_squares_target(w / s, s[:, None] * c * s, s[:, None] * h * s, 0.1, mode)
+              for mode in ("mean", "channel")}
+    for_mode = {mode: least_squares_target(w, c, h, 0.1, mode) / s for mode in ("mean", "channel")}
+    assert torch.allclose(scaled["channel"], for_mode["channel"], rtol=1e-9, atol=1e-12)
+    assert rel_diff(scaled["mean"], for_mode["mean"]) > 1e-2
+    with pytest.raises(ValueError, match="target_damp_mode"):
+        WeightQuantConfig(target_damp_mode="median")
+
+
 def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):
     """GPTQ with the float target fixes every quantized linear to integers, ExecuTorch's eager model agrees with it,
     and it moves the weights off plain GPTQ's (the layers after the first see a different, float, target)."""

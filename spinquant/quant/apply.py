@@ -18,10 +18,12 @@ Hessian: ``target_percdamp`` 0.1 against GPTQ's 0.01 (benchmarks/results/gptq_fl
 8da4w, 0.82x the KL of a fit damped 0.01 over three Hadamard seeds, a sixth of their spread; on the 25M model
 better at all three schemes; the likely cause: an exact fit on tens of thousands of tokens overfits the directions of
 little input variance, which after R1 are most directions of a model with massive activations). With learned channel
-scales 0.1 is far too little (SmolLM2 W4A4KV4: KL 0.854, plain GPTQ 0.609, 1.0 gives 0.618): λ is one number for
-input channels whose variances the scales made very unequal. A float copy of the current
-decoder layer runs beside the quantized one to give X: the float stream's hidden states are one more copy of the
-calibration inputs, and the paired linear inputs are alive one batch at a time.
+scales 0.1 is far too little (SmolLM2 W4A4KV4: KL 0.854, plain GPTQ 0.609, 1.0 gives 0.618), and not because λ is
+one number for channels whose variances the scales made unequal: damping each channel relative to its own variance
+(``target_damp_mode="channel"``) does not rescue it (0.830) and loses on a plain Hadamard rotation (8da4w KL 0.128 vs
+0.079: it takes the correction away from the high-variance channels, where the gain is), so the mean damping stays.
+A float copy of the current decoder layer runs beside the quantized one to give X: the float stream's hidden states
+are one more copy of the calibration inputs, and the paired linear inputs are alive one batch at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme, ch
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
+TARGET_DAMP_MODES = ("mean", "channel")  # how the float target's fit is damped (least_squares_target)
+
 
 @dataclass
 class WeightQuantConfig:
@@ -58,12 +62,15 @@ class WeightQuantConfig:
     weighted_clip: bool = False  # GPTQ's clip search weighs each column's error by 1 / [H^-1]_jj (quant/gptq.py)
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
     target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (least_squares_target; module docstring)
+    target_damp_mode: str = "mean"  # λ = damp x mean diag(H̃) ("mean") or λ_j = damp x H̃_jj per input channel ("channel")
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_damping("--percdamp", self.percdamp)
         check_damping("--gptq-target-damp", self.target_percdamp)
+        if self.target_damp_mode not in TARGET_DAMP_MODES:
+            raise ValueError(f"target_damp_mode must be one of {TARGET_DAMP_MODES}, got {self.target_damp_mode!r}")
 
     @property
     def gptq_target(self) -> str:
@@ -239,19 +246,24 @@ class CrossAccumulator:
 
 
 @torch.no_grad()
-def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W* = W (C + λI)(H̃ + λI)⁻¹ = W + W (C - H̃)(H̃ + λI)⁻¹ (shapes: w (out, in), c and h (in, in)).
+def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float,
+                         mode: str = "mean") -> torch.Tensor:
+    """W* = W (C + Λ)(H̃ + Λ)⁻¹ = W + W (C - H̃)(H̃ + Λ)⁻¹ (shapes: w (out, in), c and h (in, in)).
 
     The ridge solution of ``min ||W X - V X̃||² + λ ||V - W||²``: the damping pulls W* towards W, not towards 0
     (a plain ridge ``W C (H̃ + λI)⁻¹`` shrinks W along every direction of little input variance, and after
-    rotation of a model with massive activations that is most directions). λ = percdamp x mean diag(H̃), as GPTQ
-    damps; with X̃ = X, W* = W whatever λ. Dead inputs (zero variance) keep W's columns.
+    rotation of a model with massive activations that is most directions). ``mode`` "mean": Λ = λI with
+    λ = percdamp x mean diag(H̃), as GPTQ damps; "channel": Λ = percdamp x diag(H̃), each input channel damped
+    relative to its own variance, which makes W* covariant under input channel scaling (X̃ -> S X̃, W -> W S⁻¹
+    gives W* -> W* S⁻¹), so channel scales do not change how strongly a channel is fitted. With X̃ = X, W* = W
+    whatever Λ. Dead inputs (zero variance) keep W's columns.
     """
     h = h.double()
     dead = torch.diag(h) == 0
     damped = h.clone()
     damped[dead, dead] = 1.0
-    damped.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    diag = torch.diag(h)
+    damped.diagonal().add_(percdamp * (diag if mode == "channel" else torch.mean(diag)))
     delta = w.double() @ (c.double() - h)  # W (C - H̃): zero where the quantized inputs equal the float ones
     return (w.double() + torch.linalg.solve(damped, delta.T).T).to(w.dtype)  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
 
@@ -304,7 +316,8 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
                 acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
                 for _, lin in named:
                     if lin.w_bits < FLOAT:
-                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp)
+                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h,
+                                                               cfg.target_percdamp, cfg.target_damp_mode)
             else:
                 first = _get(layer, group[0])
                 acc = HessianAccumulator(first.in_features, device)
@@ -325,7 +338,8 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
             for b in range(0, inps.shape[0], cfg.batch_size):
                 acc.add(norm(finps[b : b + cfg.batch_size]).reshape(-1, head.in_features).float(),
                         head.quantize_input(norm(inps[b : b + cfg.batch_size])).reshape(-1, head.in_features).float())
-            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp)
+            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp,
+                                                    cfg.target_damp_mode)
         else:
             acc = HessianAccumulator(head.in_features, device)
             for b in range(0, inps.shape[0], cfg.batch_size):
