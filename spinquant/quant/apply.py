@@ -259,10 +259,10 @@ def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, perc
     whatever Λ. Dead inputs (zero variance) keep W's columns.
     """
     h = h.double()
-    dead = torch.diag(h) == 0
+    diag = torch.diag(h)
+    dead = diag == 0
     damped = h.clone()
     damped[dead, dead] = 1.0
-    diag = torch.diag(h)
     damped.diagonal().add_(percdamp * (diag if mode == "channel" else torch.mean(diag)))
     delta = w.double() @ (c.double() - h)  # W (C - H̃): zero where the quantized inputs equal the float ones
     return (w.double() + torch.linalg.solve(damped, delta.T).T).to(w.dtype)  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
