@@ -20,6 +20,17 @@ from spinquant.quant.scheme import QuantScheme
 SHARED = Path(os.environ.get("SPINQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def data_arguments(ap, windows: int) -> None:
+    """The arguments every quality script shares: --model, --test-data, --calib-data, --seqlen, --windows, --seed
+    (the shared model and WikiText-2 files by default)."""
+    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"), help="Hugging Face model directory")
+    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"), help="evaluation text")
+    ap.add_argument("--calib-data", default=str(SHARED / "data/wikitext-2-raw/wiki.valid.raw"), help="calibration text")
+    ap.add_argument("--seqlen", type=int, default=1024, help="window length (evaluation and calibration)")
+    ap.add_argument("--windows", type=int, default=windows, help="evaluation windows (first N of the test text)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random Hadamard rotation and the calibration sample")
+
+
 def result_path(out: Path, suffix: str) -> Path:
     """``--out STEM`` + ``suffix`` (".json", ".md"). Not ``Path.with_suffix``: a stem like ``w4a4_cap0.05`` would lose
     ``.05`` and two runs' results would land in the same file."""

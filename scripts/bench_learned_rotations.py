@@ -83,6 +83,10 @@ def main() -> None:
                          "(WeightQuantConfig.target_damp_mode)")
     ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
                     help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
+    ap.add_argument("--value-hessian", choices=("token", "attention"), default="token", help="v_proj's GPTQ statistics "
+                    "per token or through the attention, per KV head (WeightQuantConfig.value_hessian) in every GPTQ row")
+    ap.add_argument("--scale-refit", action="store_true", help="after GPTQ, refit each row's group scales to its integers "
+                    "by least squares (WeightQuantConfig.scale_refit) in every GPTQ row")
     ap.add_argument("--save-rotations", default=None, metavar="DIR",
                     help="Write each learned rotation (and its channel scales) to DIR/TARGET/R.bin, for --load-rotations")
     ap.add_argument("--load-rotations", default=None, metavar="PATH",
@@ -109,13 +113,18 @@ def main() -> None:
     def quantized_eval(rot, scheme, method):
         wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float",
                                act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip,
-                               target_percdamp=args.target_damp, target_damp_mode=args.target_damp_mode)
+                               target_percdamp=args.target_damp, target_damp_mode=args.target_damp_mode,
+                               scale_refit=method == "gptq" and args.scale_refit, value_hessian=args.value_hessian)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
-        return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats["quantize_seconds"]
+        return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats
 
     def gptq_eval(name, rot, scheme, extra):
-        r, tq = quantized_eval(rot, scheme, "gptq")
-        row = {"setting": name, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "gptq_s": tq, **extra}
+        r, stats = quantized_eval(rot, scheme, "gptq")
+        row = {"setting": name, "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "gptq_s": stats["quantize_seconds"], **extra}
+        errors = stats.get("output_error", {})
+        if args.scale_refit and errors:  # calibration output error summed over the linears, after / before the refit
+            row["refit_error_ratio"] = (sum(e["gptq"] for e in errors.values())
+                                        / sum(e["gptq_before_refit"] for e in errors.values()))
         if args.rtn:
             r_rtn, _ = quantized_eval(rot, scheme, "rtn")
             row.update(rtn_ppl=r_rtn.ppl, rtn_kl=r_rtn.kl, rtn_top1=r_rtn.top1)
@@ -180,7 +189,7 @@ def main() -> None:
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
              f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target"
-             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}{' per channel' if args.gptq_target == 'float' and args.target_damp_mode == 'channel' else ''}): {args.gptq_nsamples} x {args.gptq_seqlen or args.seqlen} tokens. Evaluation: first "
+             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}{' per channel' if args.gptq_target == 'float' and args.target_damp_mode == 'channel' else ''}{', scale refit' if args.scale_refit else ''}{', attention-aware v_proj' if args.value_hessian == 'attention' else ''}): {args.gptq_nsamples} x {args.gptq_seqlen or args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]

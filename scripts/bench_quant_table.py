@@ -33,18 +33,13 @@ from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import FLOAT, META_8DA4W, W4A4KV4, QuantScheme
-from _common import SHARED, quantized_copy, result_path
+from _common import data_arguments, quantized_copy, result_path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"))
-    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
-    ap.add_argument("--calib-data", default=str(SHARED / "data/wikitext-2-raw/wiki.valid.raw"))
-    ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=40, help="evaluation windows (first N of the test text)")
+    data_arguments(ap, windows=40)
     ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4")
     ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4, w4a16")
     ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
@@ -53,6 +48,8 @@ def main() -> None:
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
     ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
                     help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
+    ap.add_argument("--scale-refit", action="store_true", help="every GPTQ row refits its group scales to its integers by "
+                    "least squares (WeightQuantConfig.scale_refit)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -88,9 +85,11 @@ def main() -> None:
                 t = time.perf_counter()
                 rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
                 wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target, weighted_clip=weighted,
-                                       percdamp=args.percdamp, target_percdamp=args.target_damp)
+                                       percdamp=args.percdamp, target_percdamp=args.target_damp,
+                                       scale_refit=args.scale_refit and method == "gptq")
                 model = quantized_copy(base, rot, scheme, wq, calib)
-                record(f"{scheme_name} {label}", scheme_name, rotation, label, model, time.perf_counter() - t)
+                shown = label + (" + scale refit" if wq.scale_refit else "")
+                record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, time.perf_counter() - t)
 
     machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{'cuda' if torch.cuda.is_available() else 'cpu'})"

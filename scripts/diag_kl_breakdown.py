@@ -12,6 +12,7 @@ R2 the inputs of o_proj and the V cache; the inputs of down_proj (behind the fix
     python scripts/diag_kl_breakdown.py --rows 8da4w --model /work/models/smollm2-135m \
         --out benchmarks/results/kl_breakdown_smollm2_8da4w
 
+``--rows qkv`` splits the int4 weights of q/k/v into each projection alone.
 ``--rows 8da4w`` splits Meta's scheme instead: the int4 weights of each kind of linear alone, the int8 inputs of
 each kind alone, with and without the online R4 (a .pte of a model whose intermediate size is not a power of two
 has none), the output layer and the embedding.
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", choices=["w4a4", "8da4w"], default="w4a4", help="which breakdown (see above)")
+    ap.add_argument("--rows", choices=["w4a4", "8da4w", "qkv"], default="w4a4", help="which breakdown (see above)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/kl_breakdown"))
     args = ap.parse_args()
 
@@ -104,6 +105,11 @@ def main() -> None:
         ("embedding W8 per row (Meta's)", "R1", kl(QuantScheme(w_bits=FLOAT, group_size=None, a_bits=FLOAT, output_w_bits=FLOAT,
                                                                output_a_bits=FLOAT, embedding_bits=8))),
     ] if args.rows == "8da4w" else [
+        ("W4 g32 weights of q/k/v", "R1", kl_of(w4a8, qkv)),
+        ("W4 g32 weights of q_proj only", "R1", kl_of(w4a8, ("q_proj",))),
+        ("W4 g32 weights of k_proj only", "R1", kl_of(w4a8, ("k_proj",))),
+        ("W4 g32 weights of v_proj only", "R1", kl_of(w4a8, ("v_proj",))),
+    ] if args.rows == "qkv" else [
         ("W16A4KV4: everything", "-", kl(QuantScheme(w_bits=FLOAT, group_size=None, a_bits=4, kv_bits=4, **FLOAT_REST))),
         ("A4 inputs of q/k/v", "R1", kl(a4, ("q_proj", "k_proj", "v_proj"))),
         ("A4 inputs of gate/up", "R1", kl(a4, ("gate_proj", "up_proj"))),

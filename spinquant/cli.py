@@ -92,6 +92,9 @@ GPTQ_CLIP_HELP = ("Range setting inside GPTQ: each group's clip ratio minimises 
                   "SmolLM2 8da4w KL 0.91x with plain GPTQ, 0.99x with --gptq-target float, +2% on the 25M model: "
                   "benchmarks/results/gptq_weighted_clip.md).")
 
+GPTQ_REFIT_HELP = ("After GPTQ, refit each row's group scales to its integers by least squares on the calibration inputs "
+                   "(the integers stay; seconds per model; quant/scale_refit.py; README Results).")
+
 GPTQ_TARGET_DAMP_HELP = ("With --gptq-target float: ridge damping of its least-squares fit to the float model, as a fraction "
                          "of the mean Hessian diagonal; larger pulls the fit towards the layer's own weights, infinity = --gptq-target "
                          "layer (SmolLM2 8da4w: 0.1 gives 0.82x the KL of 0.01 over three Hadamard seeds: "
@@ -200,6 +203,7 @@ def calibration_options(nsamples_default: int):
               help=GPTQ_CLIP_HELP)
 @click.option("--gptq-target-damp", type=float, default=FLOAT_TARGET_PERCDAMP, show_default=True,
               help=GPTQ_TARGET_DAMP_HELP)
+@click.option("--gptq-refit-scales/--no-gptq-refit-scales", default=False, show_default=True, help=GPTQ_REFIT_HELP)
 @calibration_options(128)
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
@@ -207,7 +211,7 @@ def calibration_options(nsamples_default: int):
 @overwrite_option
 @friendly_errors
 def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
-             percdamp, gptq_target, gptq_clip, gptq_target_damp, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
+             percdamp, gptq_target, gptq_clip, gptq_target_damp, gptq_refit_scales, calib, calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
     from spinquant.quant.apply import WeightQuantConfig
@@ -216,7 +220,7 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
     scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, a_clip=a_clip, kv_bits=kv_bits)
     wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order,
                            float_target=gptq_target == "float", weighted_clip=gptq_clip == "weighted",
-                           target_percdamp=gptq_target_damp)
+                           target_percdamp=gptq_target_damp, scale_refit=gptq_refit_scales)
     from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field) if method == "gptq" else None
@@ -367,6 +371,8 @@ def _target_help() -> str:
               help=GPTQ_CLIP_HELP + " [default: plain]")
 @click.option("--gptq-target-damp", type=float, default=None,
               help=GPTQ_TARGET_DAMP_HELP + f" [default: {FLOAT_TARGET_PERCDAMP}]")
+@click.option("--gptq-refit-scales/--no-gptq-refit-scales", default=None,
+              help=GPTQ_REFIT_HELP + " [default: on; off with --recipe meta]")
 @click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
                    "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")

@@ -149,8 +149,8 @@ def rotations_file(spec: str) -> Path:
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
                       r4: bool = True) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4``, the GPTQ float target (and its damping) and the weighted clip search are named only when they differ from
-    the old behaviour, so runs made before those options existed keep their identity."""
+    ``r4``, the GPTQ float target (and its damping), the weighted clip search and the scale refit are named only when
+    they differ from the old behaviour, so runs made before those options existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
@@ -166,6 +166,8 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
             named["target_percdamp"] = wq.target_percdamp
     if wq.gptq_clip == "weighted":
         named["gptq_clip"] = "weighted"
+    if wq.scale_refit and wq.method == "gptq":
+        named["scale_refit"] = True
     return named if r4 else {**named, "r4": False}
 
 
@@ -235,6 +237,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "gptq_target": wq.gptq_target,
         "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
         "gptq_clip": wq.gptq_clip,
+        "scale_refit": wq.scale_refit and wq.method == "gptq",
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

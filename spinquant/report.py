@@ -76,7 +76,8 @@ def _rotations_line(o: dict[str, Any]) -> str:
     cap = f" (steps capped at {o['max_angle']} rad)" if o.get("max_angle") is not None else ""
     gptq = ("GPTQ" + (f" with the float model as target (fit damped {o.get('gptq_target_damp', 0.01)})"
                       if o.get("gptq_target") == "float" else "")
-            + (", clip search weighted by 1 / [H^-1]_jj," if o.get("gptq_clip") == "weighted" else ""))
+            + (", clip search weighted by 1 / [H^-1]_jj," if o.get("gptq_clip") == "weighted" else "")
+            + (", group scales refitted by least squares," if o.get("gptq_refit_scales") else ""))
     return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, {weights}A8KV16, "
             f"{o.get('learn_loss')} loss, lr {o.get('lr')}{cap}, {o.get('steps')} steps x {o.get('batch_size')} x "
             f"{o.get('seqlen')} tokens; {gptq} on {o.get('gptq_nsamples')} x {o.get('seqlen')}{r4}.{recipe}")

@@ -57,6 +57,7 @@ class CalibrateOptions:
     gptq_target: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
     gptq_clip: str | None = None  # plain | weighted: GPTQ's clip search weighs columns by 1 / [H^-1]_jj; None: default
     gptq_target_damp: float | None = None  # the float target's ridge damping (WeightQuantConfig.target_percdamp); None: default
+    gptq_refit_scales: bool | None = None  # least-squares refit of GPTQ's group scales (WeightQuantConfig.scale_refit); None: default
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -154,7 +155,8 @@ def gptq_config(opts: CalibrateOptions):
     from spinquant.quant.apply import WeightQuantConfig
 
     return WeightQuantConfig(method="gptq", clip_search=True, float_target=opts.gptq_target == "float",
-                             weighted_clip=opts.gptq_clip == "weighted", target_percdamp=opts.gptq_target_damp)
+                             weighted_clip=opts.gptq_clip == "weighted", target_percdamp=opts.gptq_target_damp,
+                             scale_refit=bool(opts.gptq_refit_scales))
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
@@ -382,6 +384,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["gptq_clip"]  # likewise
     if opts.gptq_target != "float" or opts.gptq_target_damp == 0.01:
         del identity["gptq_target_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
+    if not identity["gptq_refit_scales"]:
+        del identity["gptq_refit_scales"]  # named only when on: runs made before the option existed keep their identity
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)

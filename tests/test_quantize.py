@@ -12,7 +12,7 @@ from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.models import load_model, load_tokenizer, untie_embeddings
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
-from spinquant.quant.fake_quant import QuantLinear, quant_linears
+from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
 from spinquant.quant.scheme import META_8DA4W, QuantScheme
@@ -134,6 +134,14 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     assert json.loads((tmp_path / "run_damp" / "quant_config.json").read_text())["target_percdamp"] == 0.01
     assert not torch.equal(load_model(tmp_path / "run_damp").model.layers[1].mlp.up_proj.qweight,
                            load_model(tmp_path / "run_float").model.layers[1].mlp.up_proj.qweight)
+    # --gptq-refit-scales: the same integers as plain GPTQ, other scales, recorded
+    assert qc["scale_refit"] is False
+    r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_refit"), "--calib-data",
+                                 str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--gptq-refit-scales"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run_refit" / "quant_config.json").read_text())["scale_refit"] is True
+    refit, plain = load_model(tmp_path / "run_refit").model.layers[0].self_attn.q_proj, load_model(out).model.layers[0].self_attn.q_proj
+    assert torch.equal(refit.qweight, plain.qweight) and not torch.equal(refit.scales, plain.scales)
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_neg"), "--calib-data",
                                  str(corpus_file), "--gptq-target-damp", "-0.1"])
     assert r.exit_code == 2 and "--gptq-target-damp -0.1: damping must be a number >= 0" in r.output, r.output
@@ -352,3 +360,132 @@ def test_gptq_weighted_clip_weighs_columns_by_the_inverse_hessian_diagonal(act_o
         assert torch.equal(s[:, :1], search_scales(w[:, :32], 4, None, importance=solver.importance[:32]))
     unweighted_s = GptqSolver(acc.h, 4, 32, act_order=act_order).quantize(w)[1]
     assert not torch.equal(s, unweighted_s)
+
+
+@pytest.mark.parametrize("group", [32, None])
+def test_scale_refit_is_the_least_squares_scales_for_fixed_integers(group):
+    """refit_group_scales: per row, the scales equal a direct least-squares solve on the inputs X (integers fixed,
+    one unknown per group), the output error on X never grows, a group whose integers are all zero keeps its scale,
+    and per channel (group None) it is one scale per row."""
+    from spinquant.quant.apply import output_error
+    from spinquant.quant.gptq import HessianAccumulator, gptq_quantize
+    from spinquant.quant.scale_refit import refit_group_scales
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128, dtype=torch.float64) * torch.linspace(0.2, 3.0, 128, dtype=torch.float64)
+    x[:, 7] *= 30  # one massive channel, as after norm fusion
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    w = torch.randn(24, 128)
+    q, s = gptq_quantize(w, acc.h, 4, group)
+    q[0, :32] = 0  # an all-zero group
+    s2 = refit_group_scales(w, q, s, acc.h, group, ridge=0.0)
+    g = group or 128
+    assert s2.shape == s.shape == (24, 128 // g) and s2.dtype == torch.float32
+    for r in range(1, 24, 5):
+        m = torch.zeros(128, 128 // g, dtype=torch.float64)
+        for k in range(128 // g):
+            m[k * g:(k + 1) * g, k] = q[r, k * g:(k + 1) * g].double()
+        direct = torch.linalg.lstsq(x @ m, x @ w[r].double()).solution
+        assert torch.allclose(s2[r].double(), direct, rtol=1e-4, atol=1e-7)
+    if group:
+        assert s2[0, 0] == s[0, 0]
+    before = output_error(w, dequantize_weight(q, s, group), acc.h)
+    after = output_error(w, dequantize_weight(q, s2, group), acc.h)
+    assert after < 0.99 * before
+
+
+def test_scale_refit_in_gptq_lowers_every_linears_output_error_and_exports(tiny_model, tmp_path):
+    """WeightQuantConfig.scale_refit: GPTQ's integers stay, only the scales move; every quantized linear's calibration
+    output error is at most GPTQ's without the refit (recorded side by side), and the export still agrees with
+    ExecuTorch's eager model."""
+    from spinquant.export import write_executorch_checkpoint
+
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    fused = untie_embeddings(copy.deepcopy(tiny_model))
+    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
+    cfg = WeightQuantConfig(method="gptq", scale_refit=True)
+    model = quantize_model(fused, META_8DA4W, cfg, windows, progress=False)
+    errors = cfg.stats["output_error"]
+    assert len(errors) == len(list(quant_linears(model)))
+    for name, e in errors.items():
+        assert e["gptq"] <= e["gptq_before_refit"] * (1 + 1e-6), name
+    assert sum(e["gptq"] for e in errors.values()) < 0.995 * sum(e["gptq_before_refit"] for e in errors.values())
+    write_executorch_checkpoint(model, META_8DA4W, tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
+
+
+def test_attention_probs_equal_transformers_eager_attention(tiny_model):
+    """attention_probs reproduces the attention weights of transformers' eager Llama attention (RoPE, GQA, causal
+    mask, scaling) on the same input."""
+    from spinquant.quant.attention_hessian import attention_probs
+
+    model = copy.deepcopy(tiny_model)
+    model.config._attn_implementation = "eager"
+    attn = model.model.layers[0].self_attn
+    assert attn.num_key_value_groups > 1
+    t = 12
+    x = torch.randn(1, t, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    pos = model.model.rotary_emb(x, torch.arange(t)[None])
+    got = {}
+    handle = attn.register_forward_hook(lambda mod, args, kwargs, out: got.update(w=out[1]), with_kwargs=True)
+    with torch.no_grad():
+        attn(x, position_embeddings=pos, attention_mask=torch.full((t, t), float("-inf")).triu(1)[None, None])
+    handle.remove()
+    probs = attention_probs(attn, x[0], pos)
+    assert probs.shape == (model.config.num_attention_heads, t, t)
+    assert torch.allclose(probs, got["w"][0], atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]))
+
+
+def test_attention_aware_value_hessian_lowers_the_attention_output_error(tiny_model, tmp_path):
+    """value_hessian="attention": v_proj's Hessian for KV head j is Σ z zᵀ over the attention-weighted inputs
+    z = A_h x of the query heads h reading j; GPTQ with it has a lower attention-output error ||ΔW Z||² on those z
+    than GPTQ with the token Hessian (layer 0: both runs see the same inputs), q/k are unchanged, and the export
+    still agrees with ExecuTorch's eager model."""
+    from spinquant.export import write_executorch_checkpoint
+    from spinquant.quant.apply import _capture_input, quantize_embedding
+    from spinquant.quant.attention_hessian import ValueAccumulator, attention_probs, attention_weighted_inputs
+
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    fused = untie_embeddings(copy.deepcopy(tiny_model))
+    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
+    layer = fused.model.layers[0]
+    fq = make_fake_quant(copy.deepcopy(fused), META_8DA4W)  # float weights, int8 embedding: layer 0's inputs as GPTQ's
+    quantize_embedding(fq, META_8DA4W, True)
+    flayer = fq.model.layers[0]
+    inps = fq.model.embed_tokens(windows)
+    pos = fq.model.rotary_emb(inps[:1], torch.arange(32)[None])
+    x = _capture_input(flayer, flayer.self_attn.q_proj, inps, pos).reshape(4, 32, -1)
+    kv, groups = fused.config.num_key_value_heads, flayer.self_attn.num_key_value_groups
+    acc = ValueAccumulator(kv, x.shape[-1], cross=False)
+    zs = [attention_weighted_inputs(flayer.self_attn, xi, pos) for xi in x]
+    for z in zs:
+        acc.add(z)
+    a = attention_probs(flayer.self_attn, x[0], pos)
+    z0 = (a @ x[0])[:groups].reshape(-1, x.shape[-1])  # KV head 0's query heads, window 0
+    assert torch.allclose(zs[0][0], z0, atol=1e-5)
+    expected = 2.0 / (4 * groups * 32) * sum(z[0].T @ z[0] for z in zs)
+    assert torch.allclose(acc.h[0], expected, rtol=1e-4, atol=1e-6)
+    w = layer.self_attn.v_proj.weight.detach().float()
+    token = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq"), windows, progress=False)
+    aware = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq", value_hessian="attention"),
+                           windows, progress=False)
+    rows = w.shape[0] // kv
+
+    def attention_error(m):
+        v = m.model.layers[0].self_attn.v_proj
+        d = w - dequantize_weight(v.qweight, v.scales, v.group_size)
+        return sum(((d[j * rows:(j + 1) * rows] @ z[j].T) ** 2).sum().item() for z in zs for j in range(kv))
+
+    assert attention_error(aware) < 0.95 * attention_error(token)
+    for proj in ("q_proj", "k_proj"):
+        assert torch.equal(getattr(aware.model.layers[0].self_attn, proj).qweight, getattr(token.model.layers[0].self_attn, proj).qweight)
+    with pytest.raises(ValueError, match="value_hessian"):
+        WeightQuantConfig(value_hessian="head")
+    write_executorch_checkpoint(aware, META_8DA4W, tmp_path)
+    ids = torch.randint(0, aware.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(executorch_eager(tmp_path)(ids), aware(ids).logits) < 1e-5

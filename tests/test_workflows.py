@@ -48,11 +48,13 @@ def test_calibrate_run_directory(calibrated):
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
     assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "plain"
-    assert cfg["gptq_target_damp"] == 0.1
+    assert cfg["gptq_target_damp"] == 0.1 and cfg["gptq_refit_scales"] is True
     qc = json.loads((calibrated / "quant_config.json").read_text())
     assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain" and qc["target_percdamp"] == 0.1
+    assert qc["scale_refit"] is True
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target (fit damped 0.1) on 4 x 64; R4 online") in md and "Recipe" not in md
+            "as target (fit damped 0.1), group scales refitted by least squares, on 4 x 64; R4 online") in md
+    assert "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
 
@@ -65,12 +67,12 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     # the defaults are Meta's recipe but for the options left unset (None), which take the recipe's values under
     # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
-    assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {"gptq_target": "layer", "gptq_clip": "plain",
-                                                                                  "max_angle": 0.0, "gptq_target_damp": 0.1}
+    assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {
+        "gptq_target": "layer", "gptq_clip": "plain", "max_angle": 0.0, "gptq_target_damp": 0.1, "gptq_refit_scales": False}
     assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {
-        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1}
+        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1, "gptq_refit_scales": True}
     assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None,
-                               "gptq_target_damp": 0.01}) == {"max_angle": 0.05}  # given: kept
+                               "gptq_target_damp": 0.01, "gptq_refit_scales": False}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")

@@ -37,10 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from spinquant.quant.attention_hessian import ValueAccumulator, attention_weighted_inputs
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
+from spinquant.quant.scale_refit import refit_group_scales
 from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme, check_damping
 
 # execution order of a decoder layer's linears; the first of each group is observed for the group's Hessian
@@ -48,6 +50,7 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 TARGET_DAMP_MODES = ("mean", "channel")  # how the float target's fit is damped (least_squares_target)
+VALUE_HESSIANS = ("token", "attention")  # v_proj's GPTQ statistics: plain, or attention-weighted per KV head
 
 
 @dataclass
@@ -63,6 +66,10 @@ class WeightQuantConfig:
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
     target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (least_squares_target; module docstring)
     target_damp_mode: str = "mean"  # λ = damp x mean diag(H̃) ("mean") or λ_j = damp x H̃_jj per input channel ("channel")
+    # v_proj's GPTQ statistics per token or through the attention (quant/attention_hessian.py); "attention" measured no
+    # gain on SmolLM2 8da4w (KL 0.0792 vs 0.0791, 1.6x the GPTQ time: gptq_scale_refit.md), so it is not on the CLI
+    value_hessian: str = "token"
+    scale_refit: bool = False  # after GPTQ, each row's group scales are refitted to its integers (quant/scale_refit.py)
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
@@ -71,6 +78,8 @@ class WeightQuantConfig:
         check_damping("--gptq-target-damp", self.target_percdamp)
         if self.target_damp_mode not in TARGET_DAMP_MODES:
             raise ValueError(f"target_damp_mode must be one of {TARGET_DAMP_MODES}, got {self.target_damp_mode!r}")
+        if self.value_hessian not in VALUE_HESSIANS:
+            raise ValueError(f"value_hessian must be one of {VALUE_HESSIANS}, got {self.value_hessian!r}")
 
     @property
     def gptq_target(self) -> str:
@@ -133,13 +142,14 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     return 0.5 * torch.einsum("oi,ij,oj->", d, h, d).item()
 
 
-def _row_chunks(named: list[tuple[str, QuantLinear]], max_rows: int):
-    """The stacked rows of ``named`` in pieces of at most ``max_rows``: lists of (name, linear, rows of it)."""
+def _row_chunks(parts: list[tuple[str, QuantLinear, slice]], max_rows: int):
+    """The stacked rows of ``parts`` ((name, linear, its rows)) in pieces of at most ``max_rows``: lists of
+    (name, linear, rows of it)."""
     piece, size = [], 0
-    for name, lin in named:
-        a = 0
-        while a < lin.out_features:
-            take = min(lin.out_features - a, max_rows - size)
+    for name, lin, span in parts:
+        a = span.start
+        while a < span.stop:
+            take = min(span.stop - a, max_rows - size)
             piece.append((name, lin, slice(a, a + take)))
             size, a = size + take, a + take
             if size == max_rows:
@@ -150,28 +160,32 @@ def _row_chunks(named: list[tuple[str, QuantLinear]], max_rows: int):
 
 
 @torch.no_grad()
-def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: WeightQuantConfig) -> None:
-    """GPTQ of linears that share one input (hence one Hessian): their rows are stacked, since GPTQ treats rows
-    independently given H; one pass over the columns serves them all. The stack is processed in chunks of
-    GPTQ_CHUNK_ELEMENTS (the 128256-row output layer in 8 pieces at 1B), with one inverse-Hessian factor.
+def _gptq_rows(parts: list[tuple[str, QuantLinear, slice]], h: torch.Tensor, cfg: WeightQuantConfig,
+               out: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """GPTQ (one Hessian ``h``) of the rows ``parts`` ((name, linear, rows)) of linears that read one input: the rows
+    are stacked, since GPTQ treats rows independently given H, and one pass over the columns serves them all, in
+    chunks of GPTQ_CHUNK_ELEMENTS (the 128256-row output layer in 8 pieces at 1B) with one inverse-Hessian factor.
+    Integers and scales go into ``out[name] = (q (out, in) int8, scales (out, in/g))`` at those rows.
 
-    Records, per linear, the output reconstruction error of GPTQ and of RTN (same range setting) on
-    the same inputs in ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}`` (sums over the chunks).
+    With ``cfg.scale_refit`` GPTQ's group scales are then refitted to its integers by least squares on H.
+
+    Adds, per linear, the output reconstruction error of GPTQ and of RTN (same range setting) on
+    the same inputs to ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}`` (sums over the chunks;
+    with the refit also ``"gptq_before_refit"``).
     """
-    named = [(n, lin) for n, lin in named if lin.w_bits < FLOAT]
-    if not named:
-        return
-    bits, group = named[0][1].w_bits, named[0][1].group_size
+    lin0 = parts[0][1]
+    bits, group = lin0.w_bits, lin0.group_size
     solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order, cfg.weighted_clip)
-    n_groups = named[0][1].in_features // (group or named[0][1].in_features)
-    q = {n: torch.empty(lin.weight.shape, dtype=torch.int8, device=lin.weight.device) for n, lin in named}
-    scales = {n: torch.empty(lin.out_features, n_groups, dtype=torch.float32, device=lin.weight.device) for n, lin in named}
     errors = cfg.stats.setdefault("output_error", {})
-    for name, _ in named:
-        errors[name] = {"gptq": 0.0, "rtn": 0.0}
-    for piece in _row_chunks(named, max(1, GPTQ_CHUNK_ELEMENTS // named[0][1].in_features)):
+    for name, _, _ in parts:
+        errors.setdefault(name, {"gptq": 0.0, "rtn": 0.0} | ({"gptq_before_refit": 0.0} if cfg.scale_refit else {}))
+    for piece in _row_chunks(parts, max(1, GPTQ_CHUNK_ELEMENTS // lin0.in_features)):
         w = torch.cat([lin.weight.detach()[rows].float() for _, lin, rows in piece])
         q_c, s_c = solver.quantize(w)
+        w_before = None
+        if cfg.scale_refit:
+            w_before = dequantize_weight(q_c, s_c, group)
+            s_c = refit_group_scales(w, q_c, s_c, h, group)
         w_rtn = dequantize_weight(*rtn_integers(w, bits, group, cfg.clip_search), group)
         w_gptq = dequantize_weight(q_c, s_c, group)
         row = 0
@@ -179,11 +193,44 @@ def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: We
             r = slice(row, row + rows.stop - rows.start)
             errors[name]["gptq"] += output_error(w[r], w_gptq[r], h)
             errors[name]["rtn"] += output_error(w[r], w_rtn[r], h)
-            q[name][rows], scales[name][rows] = q_c[r], s_c[r]
+            if w_before is not None:
+                errors[name]["gptq_before_refit"] += output_error(w[r], w_before[r], h)
+            out[name][0][rows], out[name][1][rows] = q_c[r], s_c[r]
             row = r.stop
-        del w, q_c, s_c, w_rtn, w_gptq
+        del w, q_c, s_c, w_rtn, w_gptq, w_before
+
+
+def _integer_buffers(lin: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (q int8 (out, in), scales float32 (out, in/g)) for ``lin``'s GPTQ result."""
+    n_groups = lin.in_features // (lin.group_size or lin.in_features)
+    return (torch.empty(lin.weight.shape, dtype=torch.int8, device=lin.weight.device),
+            torch.empty(lin.out_features, n_groups, dtype=torch.float32, device=lin.weight.device))
+
+
+@torch.no_grad()
+def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: WeightQuantConfig) -> None:
+    """GPTQ of linears that share one input (hence one Hessian ``h``), all their rows (:func:`_gptq_rows`); each
+    linear is then fixed to its integers."""
+    named = [(n, lin) for n, lin in named if lin.w_bits < FLOAT]
+    if not named:
+        return
+    out = {n: _integer_buffers(lin) for n, lin in named}
+    _gptq_rows([(n, lin, slice(0, lin.out_features)) for n, lin in named], h, cfg, out)
     for name, lin in named:
-        lin.set_quantized(q[name], scales[name])
+        lin.set_quantized(*out[name])
+
+
+@torch.no_grad()
+def _gptq_per_head(name: str, lin: QuantLinear, hs: torch.Tensor, cfg: WeightQuantConfig) -> None:
+    """GPTQ of ``lin`` (v_proj) with one Hessian per KV head, ``hs`` (kv_heads, in, in): head j's rows
+    (out / kv_heads of them, contiguous) use ``hs[j]`` (quant/attention_hessian.py)."""
+    if lin.w_bits >= FLOAT:
+        return
+    out = {name: _integer_buffers(lin)}
+    rows = lin.out_features // hs.shape[0]
+    for j in range(hs.shape[0]):
+        _gptq_rows([(name, lin, slice(j * rows, (j + 1) * rows))], hs[j], cfg, out)
+    lin.set_quantized(*out[name])
 
 
 def _run_layer(layer: nn.Module, inps: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor | None:
@@ -292,6 +339,47 @@ def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: 
     return acc
 
 
+def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig,
+                      rows: slice = slice(None)) -> None:
+    """Replace the ``rows`` of each quantized linear's weight by the float target's least-squares weight W* for the
+    statistics C, H̃ (least_squares_target), which GPTQ then quantizes."""
+    for _, lin in named:
+        if lin.w_bits < FLOAT:
+            lin.weight.data[rows] = least_squares_target(lin.weight.detach()[rows].float(), c, h, cfg.target_percdamp,
+                                                         cfg.target_damp_mode)
+
+
+@torch.no_grad()
+def _gptq_qkv_attention_aware(layer: nn.Module, ref: nn.Module | None, named: list[tuple[str, QuantLinear]],
+                              inps: torch.Tensor, finps: torch.Tensor | None, pos_emb, cfg: WeightQuantConfig) -> None:
+    """GPTQ of q/k/v (``named``, v last) with v_proj's statistics taken through the attention
+    (quant/attention_hessian.py): q/k keep the token Hessian (and C with the float target ``ref``), v_proj gets one
+    attention-weighted H̃ (and C) per KV head. One pass over the calibration windows gives both."""
+    attn = layer.self_attn
+    q_proj = attn.q_proj
+    dim, seqlen = q_proj.in_features, inps.shape[1]
+    acc = CrossAccumulator(dim, inps.device) if ref is not None else HessianAccumulator(dim, inps.device)
+    vacc = ValueAccumulator(attn.config.num_key_value_heads, dim, cross=ref is not None, device=inps.device)
+    for b in range(0, inps.shape[0], cfg.batch_size):
+        x_quant = _capture_input(layer, q_proj, inps[b : b + cfg.batch_size], pos_emb)
+        x_float = None if ref is None else _capture_input(ref, ref.self_attn.q_proj, finps[b : b + cfg.batch_size], pos_emb)
+        if ref is None:
+            acc.add(x_quant)
+        else:
+            acc.add(x_float, x_quant)
+        for w in range(0, x_quant.shape[0], seqlen):  # one window at a time: (heads, T, T) probabilities
+            z_float = None if ref is None else attention_weighted_inputs(ref.self_attn, x_float[w : w + seqlen], pos_emb)
+            vacc.add(attention_weighted_inputs(attn, x_quant[w : w + seqlen], pos_emb), z_float)
+    qk, (v_name, v_proj) = named[:-1], named[-1]
+    if ref is not None:
+        _fit_float_target(qk, acc.c, acc.h, cfg)
+        rows = v_proj.out_features // vacc.h.shape[0]
+        for j in range(vacc.h.shape[0]):
+            _fit_float_target([(v_name, v_proj)], vacc.c[j], vacc.h[j], cfg, slice(j * rows, (j + 1) * rows))
+    _gptq_linears(qk, acc.h, cfg)
+    _gptq_per_head(v_name, v_proj, vacc.h, cfg)
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
                         float_embedding: torch.Tensor | None = None) -> None:
@@ -312,12 +400,12 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
         ref = float_copy(layer) if cfg.float_target else None
         for group in SEQUENTIAL_GROUPS:
             named = [(f"model.layers.{i}.{name}", _get(layer, name)) for name in group]
+            if cfg.value_hessian == "attention" and group[-1] == "self_attn.v_proj":
+                _gptq_qkv_attention_aware(layer, ref, named, inps, finps, pos_emb, cfg)
+                continue
             if ref is not None:
                 acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
-                for _, lin in named:
-                    if lin.w_bits < FLOAT:
-                        lin.weight.data = least_squares_target(lin.weight.detach().float(), acc.c, acc.h,
-                                                               cfg.target_percdamp, cfg.target_damp_mode)
+                _fit_float_target(named, acc.c, acc.h, cfg)
             else:
                 first = _get(layer, group[0])
                 acc = HessianAccumulator(first.in_features, device)
