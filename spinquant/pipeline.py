@@ -498,6 +498,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
 
     from spinquant.data import calibration_windows
     from spinquant.evaluate import check_seqlen
+    from spinquant.atomic import remove_stale_partials
     from spinquant.outputs import claim_output, clear_directory, record_owner
     from spinquant.preflight import check_model, check_rotation_sizes
     from spinquant.rotation import RotationLearner, initial_scales, prepare_model, write_outputs
@@ -534,6 +535,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
             clear_directory(out)
         out.mkdir(parents=True, exist_ok=True)
         record_owner(out, "learn-rotations", identity)
+        remove_stale_partials(out)  # a state file half-written when an earlier run of this output was killed
     resumed_from = learner.step if learner.try_resume() else 0
     learner.run(stop_after=stop_after)
     summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,

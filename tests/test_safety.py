@@ -543,6 +543,7 @@ def test_sigkill_during_learning_resumes_from_the_saved_state(world, tmp_path):
     proc.kill()
     proc.wait()
     assert not (out / "R.bin").exists()
+    (out / ".learn_state.pt.partial-killed").write_bytes(b"half")  # as if the kill had hit a state write
     r = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout and "resumed from step 0" not in r.stdout, r.stdout
