@@ -8,11 +8,12 @@ attention output is therefore ``||ΔW Z||²`` with the Hessian of the z's,
     H_j = Σ_{h reads KV head j} Σ_q z_{h,q} z_{h,q}ᵀ   (one per KV head j: its rows of v_proj, head_dim of them),
 
 and with the float target (quant/apply.py) the cross term ``C_j = Σ z_{h,q} z̃_{h,q}ᵀ`` pairs the float model's
-z (its attention on its inputs) with the quantized model's z̃. On a pretrained model this matters: attention
-sinks (a few tokens that most queries attend to, whose values are near zero) carry a large share of every
-query's output, yet they are one token in a thousand of plain GPTQ's Hessian. SmolLM2-135M 8da4w, round to
-nearest: the int4 weights of v_proj alone cost KL 0.266 nats/token, q_proj's 0.020 and k_proj's 0.020
-(benchmarks/results/kl_breakdown_smollm2_qkv.md).
+z (its attention on its inputs) with the quantized model's z̃. Why it looked worth it: attention sinks (a few
+tokens most queries attend to) carry a large share of every query's output yet are one token in a thousand of
+plain GPTQ's Hessian, and on SmolLM2-135M 8da4w with round to nearest the int4 weights of v_proj alone cost KL
+0.266 nats/token, q_proj's and k_proj's 0.020 each (benchmarks/results/kl_breakdown_smollm2_qkv.md). Measured
+with GPTQ it gains nothing (KL 0.0792 vs 0.0791 at 1.6x the GPTQ time; benchmarks/results/gptq_scale_refit.md):
+after GPTQ v_proj is not where the KL is. Kept opt-in (``WeightQuantConfig.value_hessian``) so the row reproduces.
 
 The attention probabilities are computed from the layer's own q/k weights on the captured input (still float
 when the statistics are taken: q, k and v are quantized together after), with RoPE and the causal mask; the
