@@ -227,10 +227,15 @@ def _gptq_per_head(name: str, lin: QuantLinear, hs: torch.Tensor, cfg: WeightQua
     if lin.w_bits >= FLOAT:
         return
     out = {name: _integer_buffers(lin)}
-    rows = lin.out_features // hs.shape[0]
-    for j in range(hs.shape[0]):
-        _gptq_rows([(name, lin, slice(j * rows, (j + 1) * rows))], hs[j], cfg, out)
+    for j, rows in enumerate(_head_rows(lin, hs.shape[0])):
+        _gptq_rows([(name, lin, rows)], hs[j], cfg, out)
     lin.set_quantized(*out[name])
+
+
+def _head_rows(lin: QuantLinear, heads: int) -> list[slice]:
+    """The contiguous row ranges of ``lin``'s ``heads`` heads (out / heads rows each)."""
+    rows = lin.out_features // heads
+    return [slice(j * rows, (j + 1) * rows) for j in range(heads)]
 
 
 def _run_layer(layer: nn.Module, inps: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor | None:
@@ -342,11 +347,12 @@ def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: 
 def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig,
                       rows: slice = slice(None)) -> None:
     """Replace the ``rows`` of each quantized linear's weight by the float target's least-squares weight W* for the
-    statistics C, H̃ (least_squares_target), which GPTQ then quantizes."""
+    statistics C, H̃ (least_squares_target), which GPTQ then quantizes; the weight becomes float32."""
     for _, lin in named:
         if lin.w_bits < FLOAT:
-            lin.weight.data[rows] = least_squares_target(lin.weight.detach()[rows].float(), c, h, cfg.target_percdamp,
-                                                         cfg.target_damp_mode)
+            w = lin.weight.detach().float().clone()
+            w[rows] = least_squares_target(w[rows], c, h, cfg.target_percdamp, cfg.target_damp_mode)
+            lin.weight.data = w
 
 
 @torch.no_grad()
@@ -373,9 +379,8 @@ def _gptq_qkv_attention_aware(layer: nn.Module, ref: nn.Module | None, named: li
     qk, (v_name, v_proj) = named[:-1], named[-1]
     if ref is not None:
         _fit_float_target(qk, acc.c, acc.h, cfg)
-        rows = v_proj.out_features // vacc.h.shape[0]
-        for j in range(vacc.h.shape[0]):
-            _fit_float_target([(v_name, v_proj)], vacc.c[j], vacc.h[j], cfg, slice(j * rows, (j + 1) * rows))
+        for j, rows in enumerate(_head_rows(v_proj, vacc.h.shape[0])):
+            _fit_float_target([(v_name, v_proj)], vacc.c[j], vacc.h[j], cfg, rows)
     _gptq_linears(qk, acc.h, cfg)
     _gptq_per_head(v_name, v_proj, vacc.h, cfg)
 
@@ -426,8 +431,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
             for b in range(0, inps.shape[0], cfg.batch_size):
                 acc.add(norm(finps[b : b + cfg.batch_size]).reshape(-1, head.in_features).float(),
                         head.quantize_input(norm(inps[b : b + cfg.batch_size])).reshape(-1, head.in_features).float())
-            head.weight.data = least_squares_target(head.weight.detach().float(), acc.c, acc.h, cfg.target_percdamp,
-                                                    cfg.target_damp_mode)
+            _fit_float_target([("lm_head", head)], acc.c, acc.h, cfg)
         else:
             acc = HessianAccumulator(head.in_features, device)
             for b in range(0, inps.shape[0], cfg.batch_size):
