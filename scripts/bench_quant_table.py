@@ -28,19 +28,22 @@ from pathlib import Path
 import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
-from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
+from spinquant.evaluate import evaluate, hf_logits_fn
+from spinquant.models import load_tokenizer
+from spinquant.pipeline import resolve_rotations
 from spinquant.fusion import Rotations
-from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
-from spinquant.quant.scheme import FLOAT, META_8DA4W, W4A4KV4, QuantScheme
-from _common import data_arguments, quantized_copy, result_path
+from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
+from spinquant.quant.scheme import DEFAULT_TUNE_LR, FLOAT, META_8DA4W, W4A4KV4, QuantScheme
+from _common import data_arguments, load_benchmark_data, quantized_copy, result_path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_arguments(ap, windows=40)
     ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
-    ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4")
+    ap.add_argument("--rotations", default="none,hadamard", help="comma list of none, hadamard, hadamard-no-r4, "
+                    "rbin:PATH (an R.bin or a run/learning directory holding one, with its channel scales if any; R4 on)")
     ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4, w4a16")
     ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
                     "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target), gptq+wclip, gptq-float+wclip "
@@ -50,16 +53,19 @@ def main() -> None:
                     help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
     ap.add_argument("--scale-refit", action="store_true", help="every GPTQ row refits its group scales to its integers by "
                     "least squares (WeightQuantConfig.scale_refit)")
+    ap.add_argument("--tune-steps", type=int, default=0, help="after each quantization, also tune the scales end to end "
+                    "(quant/scale_tuning.py) on this many windows of the calibration text sampled with seed + 1, and record "
+                    "the row before and after")
+    ap.add_argument("--tune-lr", type=float, default=DEFAULT_TUNE_LR, help="the scale tuning's Adam learning rate")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
-    tok = load_tokenizer(args.model)
-    base = load_model(args.model)
-    windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
-    calib = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen,
-                                               seed=args.seed), tok)
-    reference = cached_logits_fn(hf_logits_fn(base))
+    base, windows, calib, reference = load_benchmark_data(args, args.nsamples)
+    tune_windows = None
+    if args.tune_steps:  # other windows than GPTQ's, as pipeline.tuning_calibration draws them
+        tune_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.tune_steps, seqlen=args.seqlen,
+                                                          seed=args.seed + 1), load_tokenizer(args.model))
     rows = []
 
     def record(name, scheme, rotation, method, model, seconds):
@@ -83,13 +89,22 @@ def main() -> None:
         for rotation in args.rotations.split(","):
             for method, clip, float_target, weighted, label in (methods[k] for k in args.methods.split(",")):
                 t = time.perf_counter()
-                rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
+                if rotation.startswith("rbin:"):
+                    rot = resolve_rotations(rotation.removeprefix("rbin:"), base, args.seed, r4=True)
+                else:
+                    rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
                 wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target, weighted_clip=weighted,
                                        percdamp=args.percdamp, target_percdamp=args.target_damp,
                                        scale_refit=args.scale_refit and method == "gptq")
                 model = quantized_copy(base, rot, scheme, wq, calib)
                 shown = label + (" + scale refit" if wq.scale_refit else "")
-                record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, time.perf_counter() - t)
+                seconds = time.perf_counter() - t
+                record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds)
+                if args.tune_steps:
+                    tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr)
+                    tune_scales(model, base, tune_windows, tuning, progress=False)
+                    shown += f" + scales tuned ({args.tune_steps} steps, lr {args.tune_lr:g})"
+                    record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds + tuning.stats["seconds"])
 
     machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{'cuda' if torch.cuda.is_available() else 'cpu'})"
@@ -102,7 +117,9 @@ def main() -> None:
              f"predicted tokens); KL(float32 || model) in nats/token; GPTQ calibration: {args.nsamples} x {args.seqlen} tokens of "
              f"{Path(args.calib_data).name}"
              f"{f', damping {args.percdamp}' if args.percdamp != 0.01 else ''}"
-             f"{f', float-target damping {args.target_damp}' if 'gptq-float' in args.methods else ''}.", "",
+             f"{f', float-target damping {args.target_damp}' if 'gptq-float' in args.methods else ''}"
+             f"{f'; scale tuning on {args.tune_steps} other windows (seed {args.seed + 1}), one per step' if args.tune_steps else ''}"
+             ".", "",
              "| scheme | rotation | method | PPL | KL | top-1 | quantize time (s) |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scheme'] if r['scheme'] != '-' else r['setting']} | {r['rotation']} | {r['method']} | {r['ppl']:.2f} | "

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-from spinquant.data import CalibrationSet, calibration_windows
-from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
+from spinquant.evaluate import evaluate, hf_logits_fn
 from spinquant.fusion import Rotations, fuse_and_rotate
-from spinquant.models import load_model, load_tokenizer, untie_embeddings
+from spinquant.models import untie_embeddings
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import FLOAT, META_8DA4W
-from _common import data_arguments, result_path
+from _common import data_arguments, load_benchmark_data, result_path
 
 KINDS = {"q_proj": ("q_proj",), "k_proj": ("k_proj",), "v_proj": ("v_proj",), "o_proj": ("o_proj",),
          "gate/up": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "output layer": ("lm_head",)}
@@ -55,12 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/gptq_kl_breakdown"))
     args = ap.parse_args()
 
-    tok = load_tokenizer(args.model)
-    base = load_model(args.model)
-    windows = evaluation_windows(evaluation_ids(tok, args.test_data), args.seqlen, args.windows)
-    calib = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.gptq_nsamples, seqlen=args.seqlen,
-                                               seed=args.seed), tok)
-    reference = cached_logits_fn(hf_logits_fn(base))
+    base, windows, calib, reference = load_benchmark_data(args, args.gptq_nsamples)
     rotated = untie_embeddings(copy.deepcopy(base))
     fuse_and_rotate(rotated, Rotations.random_hadamard(rotated, args.seed, r4=not args.no_r4))
     float_weights = {name: lin.weight.detach().clone() for name, lin in rotated.named_modules() if isinstance(lin, torch.nn.Linear)}

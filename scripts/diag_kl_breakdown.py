@@ -36,18 +36,14 @@ from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig, rtn_quantize_linear
 from spinquant.quant.fake_quant import make_fake_quant, quant_linears
 from spinquant.quant.scheme import FLOAT, QuantScheme
-from _common import SHARED, quantized_copy, result_path
+from _common import data_arguments, quantized_copy, result_path
 
 FLOAT_REST = dict(output_w_bits=FLOAT, output_a_bits=FLOAT, embedding_bits=FLOAT)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"))
-    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
-    ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    data_arguments(ap, windows=8, calib=False)
     ap.add_argument("--rows", choices=["w4a4", "8da4w", "qkv"], default="w4a4", help="which breakdown (see above)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/kl_breakdown"))
     args = ap.parse_args()

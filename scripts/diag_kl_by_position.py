@@ -27,7 +27,7 @@ from spinquant.fusion import Rotations
 from spinquant.models import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W
-from _common import SHARED, quantized_copy, result_path
+from _common import data_arguments, quantized_copy, result_path
 
 BANDS = ((0, 1), (1, 4), (4, 32), (32, 256), (256, None))
 TOP_FRACTIONS = (0.001, 0.01, 0.05, 0.2)
@@ -35,11 +35,7 @@ TOP_FRACTIONS = (0.001, 0.01, 0.05, 0.2)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "models/ref-llama-25m"))
-    ap.add_argument("--test-data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
-    ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    data_arguments(ap, windows=8, calib=False)
     ap.add_argument("--r4", action="store_true", help="also the online R4 before down_proj")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/kl_by_position"))
     args = ap.parse_args()

@@ -147,10 +147,11 @@ def rotations_file(spec: str) -> Path:
 
 
 def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: int, tokenizer_src: str | None,
-                      r4: bool = True) -> dict[str, Any]:
+                      r4: bool = True, tuning=None) -> dict[str, Any]:
     """What decides a quantized run's contents (spinquant.outputs): resolved inputs and every option but the device.
-    ``r4``, the GPTQ float target (and its damping), the weighted clip search and the scale refit are named only when
-    they differ from the old behaviour, so runs made before those options existed keep their identity."""
+    ``r4``, the GPTQ float target (and its damping), the weighted clip search, the scale refit and the scale tuning
+    (``tuning``: quant/scale_tuning.py's config) are named only when they differ from the old behaviour, so runs made
+    before those options existed keep their identity."""
     from dataclasses import asdict
 
     from spinquant.outputs import resolve_input
@@ -168,13 +169,27 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
         named["gptq_clip"] = "weighted"
     if wq.scale_refit and wq.method == "gptq":
         named["scale_refit"] = True
+    if tuning is not None and tuning.steps:
+        named["scale_tuning"] = {"steps": tuning.steps, "lr": tuning.lr, "calibration": asdict(tuning_calibration(calib, tuning))}
     return named if r4 else {**named, "r4": False}
+
+
+def tuning_calibration(calib, tuning):
+    """The calibration set of the scale tuning: ``tuning.steps`` windows of ``calib``'s text and length, sampled with
+    the next seed, so that it tunes on other text than GPTQ fitted (quant/scale_tuning.py)."""
+    from dataclasses import replace
+
+    return replace(calib, nsamples=tuning.steps, seed=calib.seed + 1)
 
 
 def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "hadamard", calib=None, seed: int = 0,
                     device: str = "auto", tokenizer_src: str | None = None, progress: bool = True,
-                    extra_config: dict | None = None, overwrite: bool = False, r4: bool = True) -> dict[str, Any]:
+                    extra_config: dict | None = None, overwrite: bool = False, r4: bool = True,
+                    tuning=None) -> dict[str, Any]:
     """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory.
+
+    ``tuning`` (quant/scale_tuning.ScaleTuningConfig, steps > 0): then tune the scales end to end on KL to the float
+    model, on ``tuning.steps`` windows of ``calib``'s text other than GPTQ's (:func:`tuning_calibration`).
 
     ``r4``: with rotations, also fold R4 into down_proj and keep the online Hadamard before it (ExecuTorch runs it
     for power-of-two intermediate sizes only; off, down_proj's inputs stay unrotated).
@@ -195,7 +210,10 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     if kind == "run":
         raise SpinQuantError(f"{model_src} is already a quantized run: quantize the float model (or use requantize)")
     dev = resolve_device(device)
-    config, tokenizer = check_model(model_src, tokenizer_src, need_tokenizer=wq.method == "gptq")
+    tuning = tuning if tuning is not None and tuning.steps else None
+    if tuning is not None and calib is None:
+        raise SpinQuantError("scale tuning needs calibration text (--calib / --calib-data)")
+    config, tokenizer = check_model(model_src, tokenizer_src, need_tokenizer=wq.method == "gptq" or tuning is not None)
     scheme.check_model(config)  # bad group sizes fail before any weight is read
     if rotations not in ("none", "hadamard"):
         rotations_file(rotations)
@@ -206,7 +224,11 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         t = time.perf_counter()
         windows = calibration_windows(calib, tokenizer)
         times["calibration_data"] = time.perf_counter() - t
-    identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src, r4)
+    tune_windows = None
+    if tuning is not None:
+        check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
+        tune_windows = calibration_windows(tuning_calibration(calib, tuning), tokenizer)
+    identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src, r4, tuning)
     inputs = {"--model": model_src, "--tokenizer": tokenizer_src, "--calib-data": calib.source if windows is not None else None,
               "--rotations": None if rotations in ("none", "hadamard") else rotations}
     claim_output(out_dir, "quantize", identity, inputs, overwrite)
@@ -226,6 +248,15 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     t = time.perf_counter()
     quantize_model(model, scheme, wq, windows, progress=progress)
     times["quantize"] = time.perf_counter() - t
+    if tuning is not None:
+        from spinquant.quant.scale_tuning import tune_scales
+
+        t = time.perf_counter()
+        teacher = load_model(model_src).to(dev)  # the float model: the rotation does not change its function
+        tune_scales(model, teacher, tune_windows, tuning, progress=progress)
+        del teacher
+        release_memory()
+        times["tune_scales"] = time.perf_counter() - t
     model.to("cpu")
     config = {
         "source_model": str(model_src),
@@ -238,6 +269,9 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
         "gptq_clip": wq.gptq_clip,
         "scale_refit": wq.scale_refit and wq.method == "gptq",
+        "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr,
+                                                     "calibration": {**tuning_calibration(calib, tuning).__dict__},
+                                                     **tuning.stats},
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

@@ -68,9 +68,11 @@ def _rotations_line(o: dict[str, Any]) -> str:
     from spinquant.recipes import RECIPE_TEXT
 
     r4 = "; R4 online before down_proj" if o.get("r4", "on") == "on" else "; no R4"
+    tuned = (f" After GPTQ the scales were tuned end to end on KL to the float model ({o['tune_scales_steps']} windows x "
+             f"{o.get('seqlen')} tokens, lr {o.get('tune_scales_lr')})." if o.get("tune_scales_steps") else "")
     if o.get("rotations") == "hadamard" or not o.get("learned", True):
         how = "learned rotations copied from another run" if o.get("rotations") == "learned" else f"random Hadamard (seed {o.get('seed')}), no learning"
-        return f"Rotations: {how}{r4}."
+        return f"Rotations: {how}{r4}.{tuned}"
     weights = f"W{o.get('learn_w_bits')}" + (f" ({o.get('learn_weight_quant')} in the loop)" if o.get("learn_w_bits", 16) < 16 else "")
     recipe = f" Recipe **{o['recipe']}** ({RECIPE_TEXT[o['recipe']]})." if o.get("recipe") in RECIPE_TEXT else ""
     cap = f" (steps capped at {o['max_angle']} rad)" if o.get("max_angle") is not None else ""
@@ -80,7 +82,7 @@ def _rotations_line(o: dict[str, Any]) -> str:
             + (", group scales refitted by least squares," if o.get("gptq_refit_scales") else ""))
     return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, {weights}A8KV16, "
             f"{o.get('learn_loss')} loss, lr {o.get('lr')}{cap}, {o.get('steps')} steps x {o.get('batch_size')} x "
-            f"{o.get('seqlen')} tokens; {gptq} on {o.get('gptq_nsamples')} x {o.get('seqlen')}{r4}.{recipe}")
+            f"{o.get('seqlen')} tokens; {gptq} on {o.get('gptq_nsamples')} x {o.get('seqlen')}{r4}.{tuned}{recipe}")
 
 
 def render_markdown(r: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ from spinquant.errors import SpinQuantError
 from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, head_dim,
                               orthogonality_error, per_head_scales, save_rbin)
 from spinquant.hadamard import hadamard_matrix
+from spinquant.kl_loss import chunk_ce, chunk_kl
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
 from spinquant.rotation_gptq import collect_hessians, gptq_integers
@@ -364,21 +365,13 @@ class RotationLearner:
                 total = total + checkpoint(self._chunk_ce, hidden[:, part], targets[:, part], use_reentrant=False)
         return total / targets.numel()
 
-    def _chunk_logits(self, head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return head(h).float()
-
     def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one chunk of positions: h (micro, t, dim), targets (micro, t)."""
-        logits = self._chunk_logits(self.model.lm_head, h)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        return chunk_ce(self.model.lm_head, h, targets, amp=self.device.type == "cuda")
 
     def _chunk_kl(self, h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
         """Summed KL(teacher || model) of one chunk of positions (hidden states (micro, t, dim) of both)."""
-        with torch.no_grad():
-            target = F.log_softmax(self._chunk_logits(self.teacher.lm_head, teacher_h), dim=-1)
-        logp = F.log_softmax(self._chunk_logits(self.model.lm_head, h), dim=-1)
-        return (target.exp() * (target - logp)).sum()
+        return chunk_kl(self.model.lm_head, self.teacher.lm_head, h, teacher_h, amp=self.device.type == "cuda")
 
     def accumulate_gradients(self, batch: torch.Tensor) -> float:
         """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""

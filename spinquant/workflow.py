@@ -34,8 +34,9 @@ RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_had
 @dataclass
 class CalibrateOptions:
     """Every option of ``spinquant calibrate``. The defaults are Meta's Llama 3.2 SpinQuant recipe except for the options
-    left None here, which calibrate resolves (spinquant.recipes.unset_values): Cayley steps capped at 0.05 rad and GPTQ
-    fitting the float model, unless ``--recipe meta`` (plain steps, plain GPTQ)."""
+    left None here, which calibrate resolves (spinquant.recipes.unset_values): Cayley steps capped at 0.05 rad, GPTQ
+    fitting the float model with its scales refitted, then the scales tuned end to end, unless ``--recipe meta`` (plain
+    steps, plain GPTQ, no refit, no tuning)."""
 
     model: str
     out: str | None = None
@@ -58,6 +59,8 @@ class CalibrateOptions:
     gptq_clip: str | None = None  # plain | weighted: GPTQ's clip search weighs columns by 1 / [H^-1]_jj; None: default
     gptq_target_damp: float | None = None  # the float target's ridge damping (WeightQuantConfig.target_percdamp); None: default
     gptq_refit_scales: bool | None = None  # least-squares refit of GPTQ's group scales (WeightQuantConfig.scale_refit); None: default
+    tune_scales_steps: int | None = None  # end-to-end scale tuning after GPTQ (quant/scale_tuning.py); 0: off; None: default
+    tune_scales_lr: float | None = None  # its Adam learning rate on the log-scales; None: default
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -159,6 +162,13 @@ def gptq_config(opts: CalibrateOptions):
                              scale_refit=bool(opts.gptq_refit_scales))
 
 
+def scale_tuning_config(opts: CalibrateOptions):
+    """The ScaleTuningConfig of calibrate's scale tuning after GPTQ (steps 0: none)."""
+    from spinquant.quant.scale_tuning import ScaleTuningConfig
+
+    return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr)
+
+
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
     from spinquant.pipeline import quantize_to_run
 
@@ -171,7 +181,7 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
             quantize_to_run(model_src, str(tmp / "out"), target.scheme, gptq_config(opts),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
-                            r4=opts.r4 == "on")
+                            r4=opts.r4 == "on", tuning=scale_tuning_config(opts))
         run.move_in(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -386,6 +396,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["gptq_target_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
     if not identity["gptq_refit_scales"]:
         del identity["gptq_refit_scales"]  # named only when on: runs made before the option existed keep their identity
+    if not identity["tune_scales_steps"]:
+        del identity["tune_scales_steps"], identity["tune_scales_lr"]  # likewise named only when on
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)

@@ -49,11 +49,15 @@ def test_calibrate_run_directory(calibrated):
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
     assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "plain"
     assert cfg["gptq_target_damp"] == 0.1 and cfg["gptq_refit_scales"] is True
+    assert cfg["tune_scales_steps"] == 128 and cfg["tune_scales_lr"] == 1e-4
     qc = json.loads((calibrated / "quant_config.json").read_text())
     assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain" and qc["target_percdamp"] == 0.1
     assert qc["scale_refit"] is True
+    assert qc["scale_tuning"]["steps"] == 128 and len(qc["scale_tuning"]["losses"]) == 128
+    assert qc["scale_tuning"]["calibration"]["seed"] == 1 and qc["scale_tuning"]["calibration"]["seqlen"] == 64
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target (fit damped 0.1), group scales refitted by least squares, on 4 x 64; R4 online") in md
+            "as target (fit damped 0.1), group scales refitted by least squares, on 4 x 64; R4 online. After GPTQ the "
+            "scales were tuned end to end on KL to the float model (128 windows x 64 tokens, lr 0.0001).") in md
     assert "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
 
@@ -68,11 +72,14 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
     assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {
-        "gptq_target": "layer", "gptq_clip": "plain", "max_angle": 0.0, "gptq_target_damp": 0.1, "gptq_refit_scales": False}
+        "gptq_target": "layer", "gptq_clip": "plain", "max_angle": 0.0, "gptq_target_damp": 0.1, "gptq_refit_scales": False,
+        "tune_scales_steps": 0, "tune_scales_lr": 1e-4}
     assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {
-        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1, "gptq_refit_scales": True}
+        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1, "gptq_refit_scales": True,
+        "tune_scales_steps": 128, "tune_scales_lr": 1e-4}
     assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None,
-                               "gptq_target_damp": 0.01, "gptq_refit_scales": False}) == {"max_angle": 0.05}  # given: kept
+                               "gptq_target_damp": 0.01, "gptq_refit_scales": False, "tune_scales_steps": 0,
+                               "tune_scales_lr": 1e-3}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
     # a pinned option given with another value is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")

@@ -48,6 +48,8 @@ class QuantLinear(nn.Module):
     ``weight_integers`` ('dynamic' mode only), when set to (q, scales), replaces round-to-nearest: the
     forward uses ``q * scales`` (rotation learning with GPTQ in the loop), the gradient is the STE plus
     the scale path (:func:`~spinquant.quant.primitives.fake_quant_weight_given_integers`).
+    ``scale_log_offset`` ('fixed' mode only), when set to θ (out, in/g), multiplies the scales by exp(θ) in the
+    forward, differentiably (end-to-end scale tuning, quant/scale_tuning.py, which then bakes them into ``scales``).
     """
 
     def __init__(self, linear: nn.Linear, w_bits: int, group_size: int | None, a_bits: int, a_symmetric: bool = False,
@@ -66,6 +68,7 @@ class QuantLinear(nn.Module):
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.weight_override: torch.Tensor | None = None
         self.weight_integers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scale_log_offset: torch.Tensor | None = None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
@@ -78,7 +81,8 @@ class QuantLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         if self.weight_mode == "fixed":
-            return dequantize_weight(self.qweight, self.scales, self.group_size)
+            scales = self.scales if self.scale_log_offset is None else self.scales * self.scale_log_offset.exp()
+            return dequantize_weight(self.qweight, scales, self.group_size)
         w = self.weight if self.weight_override is None else self.weight_override
         if self.weight_mode == "dynamic" and self.w_bits < FLOAT:
             if self.weight_integers is not None:

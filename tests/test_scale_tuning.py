@@ -1,0 +1,117 @@
+"""End-to-end scale tuning after GPTQ/RTN (quant/scale_tuning.py): lowers the KL it trains on, keeps the integers and the
+export, leaves nothing behind on failure, refuses bad input; `quantize --tune-scales-steps` records it."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from spinquant.cli import cli
+from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.models import load_model, untie_embeddings
+from spinquant.quant import scale_tuning
+from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.fake_quant import quant_linears
+from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
+from spinquant.quant.scheme import META_8DA4W
+from tests.helpers import rel_diff
+from tests.test_quantize import executorch_eager
+
+
+def _kl(model, teacher, windows) -> float:
+    with torch.no_grad():
+        t = F.log_softmax(teacher(windows).logits.float(), -1)
+        s = F.log_softmax(model(windows).logits.float(), -1)
+        return (t.exp() * (t - s)).sum(-1).mean().item()
+
+
+def _rtn_model(tiny_model):
+    fused = untie_embeddings(copy.deepcopy(tiny_model))
+    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
+    return quantize_model(fused, META_8DA4W, WeightQuantConfig(method="rtn"), progress=False)
+
+
+def _windows(tiny_model, n, seed):
+    return torch.randint(0, tiny_model.config.vocab_size, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_scale_tuning_lowers_the_kl_keeps_the_integers_and_exports(tiny_model, tmp_path):
+    from spinquant.export import write_executorch_checkpoint
+
+    model = _rtn_model(tiny_model)
+    windows = _windows(tiny_model, 16, 0)
+    before_q = {n: lin.qweight.clone() for n, lin in quant_linears(model)}
+    before_s = {n: lin.scales.clone() for n, lin in quant_linears(model)}
+    kl_before = _kl(model, tiny_model, windows)
+    cfg = ScaleTuningConfig(steps=16, lr=1e-2)
+    tune_scales(model, tiny_model, windows, cfg, progress=False)
+    kl_after = _kl(model, tiny_model, windows)
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+    for name, lin in quant_linears(model):
+        assert torch.equal(lin.qweight, before_q[name]), name  # the integers stay
+        assert lin.scales.dtype == torch.float32 and lin.scale_log_offset is None and not lin.scales.requires_grad
+        assert (lin.scales > 0).all()
+    assert sum(not torch.equal(lin.scales, before_s[n]) for n, lin in quant_linears(model)) == len(before_s)
+    assert len(cfg.stats["losses"]) == 16 and cfg.stats["seconds"] > 0
+    assert 0 < cfg.stats["relative_change"]["mean"] <= cfg.stats["relative_change"]["max"]
+    # the tuned scales are what ExecuTorch's own model computes with
+    write_executorch_checkpoint(model, META_8DA4W, tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
+
+
+def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypatch):
+    model = _rtn_model(tiny_model)
+    before = {n: lin.scales.clone() for n, lin in quant_linears(model)}
+    calls = []
+    real = scale_tuning.chunked_kl
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scale_tuning, "chunked_kl", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=4, lr=1e-2), progress=False)
+    assert len(calls) == 3
+    for name, lin in quant_linears(model):
+        assert torch.equal(lin.scales, before[name]) and lin.scale_log_offset is None, name
+
+
+def test_scale_tuning_refuses_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        ScaleTuningConfig(steps=-1)
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        ScaleTuningConfig(steps=1, lr=0.0)
+    model = _rtn_model(tiny_model)
+    with pytest.raises(ValueError, match="needs 5 windows"):
+        tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=5), progress=False)
+    with pytest.raises(ValueError, match="no quantized linear"):
+        tune_scales(copy.deepcopy(tiny_model), tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=2),
+                    progress=False)
+
+
+def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_dir, corpus_file, tmp_path):
+    base = ["quantize", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--seqlen", "64", "--method", "rtn"]
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    r = CliRunner().invoke(cli, [*base, "--out", str(plain)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((plain / "quant_config.json").read_text())["scale_tuning"] is None
+    r = CliRunner().invoke(cli, [*base, "--out", str(tuned), "--tune-scales-steps", "3", "--tune-scales-lr", "0.01"])
+    assert r.exit_code == 0, r.output
+    st = json.loads((tuned / "quant_config.json").read_text())["scale_tuning"]
+    assert st["steps"] == 3 and st["lr"] == 0.01 and len(st["losses"]) == 3
+    assert st["calibration"]["nsamples"] == 3 and st["calibration"]["seed"] == 1  # GPTQ's seed (0) + 1: other windows
+    a, b = load_model(plain).model.layers[1].mlp.down_proj, load_model(tuned).model.layers[1].mlp.down_proj
+    assert torch.equal(a.qweight, b.qweight) and not torch.equal(a.scales, b.scales)
+    # the tuning is part of what the run is: the same --out with other tuning options is another run (refused)
+    r = CliRunner().invoke(cli, [*base, "--out", str(tuned), "--tune-scales-steps", "4"])
+    assert r.exit_code == 2, r.output
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "neg"), "--tune-scales-steps", "-1"])
+    assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "neg").exists()
