@@ -56,7 +56,7 @@ def test_calibrate_run_directory(calibrated):
     assert qc["scale_tuning"]["steps"] == 128 and len(qc["scale_tuning"]["losses"]) == 128
     assert qc["scale_tuning"]["calibration"]["seed"] == 1 and qc["scale_tuning"]["calibration"]["seqlen"] == 64
     assert ("W16A8KV16, ce loss, lr 1.5 (steps capped at 0.05 rad), 3 steps x 2 x 64 tokens; GPTQ with the float model "
-            "as target (fit damped 0.1), group scales refitted by least squares, on 4 x 64; R4 online. After GPTQ the "
+            "as target (fit damped 0.1), group scales refitted by least squares, on 4 x 64; R4 online before down_proj. After GPTQ the "
             "scales were tuned end to end on KL to the float model (128 windows x 64 tokens, lr 0.0001).") in md
     assert "Recipe" not in md
     assert json.loads((calibrated / "losses.json").read_text())["config"]["max_angle"] == 0.05
