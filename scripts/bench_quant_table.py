@@ -30,7 +30,7 @@ import torch
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import evaluate, hf_logits_fn
 from spinquant.models import load_tokenizer
-from spinquant.pipeline import resolve_rotations
+from spinquant.pipeline import resolve_rotations, tuning_calibration
 from spinquant.fusion import Rotations
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
@@ -63,9 +63,10 @@ def main() -> None:
 
     base, windows, calib, reference = load_benchmark_data(args, args.nsamples)
     tune_windows = None
-    if args.tune_steps:  # other windows than GPTQ's, as pipeline.tuning_calibration draws them
-        tune_windows = calibration_windows(CalibrationSet(source=args.calib_data, nsamples=args.tune_steps, seqlen=args.seqlen,
-                                                          seed=args.seed + 1), load_tokenizer(args.model))
+    if args.tune_steps:  # other windows than GPTQ's, drawn as calibrate's quantize stage draws them
+        gptq_set = CalibrationSet(source=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        tune_windows = calibration_windows(tuning_calibration(gptq_set, ScaleTuningConfig(steps=args.tune_steps)),
+                                           load_tokenizer(args.model))
     rows = []
 
     def record(name, scheme, rotation, method, model, seconds):

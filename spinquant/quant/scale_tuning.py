@@ -34,7 +34,6 @@ from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import DEFAULT_TUNE_LR
 
 
-
 @dataclass
 class ScaleTuningConfig:
     """``steps`` windows (one per step, each seen once), Adam ``lr`` on the log-scale offsets θ, cosine decay."""
