@@ -57,6 +57,8 @@ def main() -> None:
                     "(quant/scale_tuning.py) on this many windows of the calibration text sampled with seed + 1, and record "
                     "the row before and after")
     ap.add_argument("--tune-lr", type=float, default=DEFAULT_TUNE_LR, help="the scale tuning's Adam learning rate")
+    ap.add_argument("--tune-norms", action="store_true", help="the scale tuning tunes the RMSNorm weights too "
+                    "(ScaleTuningConfig.norms)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -102,9 +104,10 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds)
                 if args.tune_steps:
-                    tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr)
+                    tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr, norms=args.tune_norms)
                     tune_scales(model, base, tune_windows, tuning, progress=False)
-                    shown += f" + scales tuned ({args.tune_steps} steps, lr {args.tune_lr:g})"
+                    shown += (f" + scales{' and norms' if args.tune_norms else ''} tuned ({args.tune_steps} steps, "
+                              f"lr {args.tune_lr:g})")
                     record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds + tuning.stats["seconds"])
 
     machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \

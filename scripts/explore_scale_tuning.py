@@ -36,6 +36,7 @@ ap.add_argument("--windows", type=int, default=16)
 ap.add_argument("--probe-every", type=int, default=8)
 ap.add_argument("--opt", default="adam")
 ap.add_argument("--prod", action="store_true")
+ap.add_argument("--tune-norms", action="store_true", help="with --prod: ScaleTuningConfig.norms (the RMSNorm weights too)")
 ap.add_argument("--no-head", action="store_true")
 ap.add_argument("--eval-every", type=int, default=0)
 ap.add_argument("--cache", required=True, help="the quantized model is kept here between runs")
@@ -82,11 +83,11 @@ train = calibration_windows(CalibrationSet(source=str(SHARED / "data/wikitext-2-
                                            seqlen=args.train_seqlen, seed=args.train_seed), tok)
 if args.prod:
     from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
-    cfg = ScaleTuningConfig(steps=args.steps, lr=args.lr)
+    cfg = ScaleTuningConfig(steps=args.steps, lr=args.lr, norms=args.tune_norms)
     tune_scales(model, base, train, cfg)
     res["stats"] = {k: v for k, v in cfg.stats.items()}
     res["after"] = ev(model)
-    print("after", res["after"], cfg.stats["relative_change"], cfg.stats["seconds"], flush=True)
+    print("after", res["after"], cfg.stats["relative_change"], cfg.stats.get("norm_relative_change"), cfg.stats["seconds"], flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     sys.exit(0)
 lins = [(n, l) for n, l in quant_linears(model) if not (args.no_head and n == "lm_head")]

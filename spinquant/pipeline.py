@@ -171,6 +171,8 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
         named["scale_refit"] = True
     if tuning is not None and tuning.steps:
         named["scale_tuning"] = {"steps": tuning.steps, "lr": tuning.lr, "calibration": asdict(tuning_calibration(calib, tuning))}
+        if tuning.norms:
+            named["scale_tuning"]["norms"] = True  # named only when on: runs made before the option keep their identity
     return named if r4 else {**named, "r4": False}
 
 
@@ -224,10 +226,11 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         t = time.perf_counter()
         windows = calibration_windows(calib, tokenizer)
         times["calibration_data"] = time.perf_counter() - t
-    tune_windows = None
+    tune_windows = tune_calib = None
     if tuning is not None:
         check_seqlen(calib.seqlen, getattr(config, "max_position_embeddings", None))
-        tune_windows = calibration_windows(tuning_calibration(calib, tuning), tokenizer)
+        tune_calib = tuning_calibration(calib, tuning)
+        tune_windows = calibration_windows(tune_calib, tokenizer)
     identity = quantize_identity(model_src, scheme, wq, rotations, calib, seed, tokenizer_src, r4, tuning)
     inputs = {"--model": model_src, "--tokenizer": tokenizer_src, "--calib-data": calib.source if windows is not None else None,
               "--rotations": None if rotations in ("none", "hadamard") else rotations}
@@ -269,9 +272,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
         "gptq_clip": wq.gptq_clip,
         "scale_refit": wq.scale_refit and wq.method == "gptq",
-        "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr,
-                                                     "calibration": {**tuning_calibration(calib, tuning).__dict__},
-                                                     **tuning.stats},
+        "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr, "norms": tuning.norms,
+                                                     "calibration": {**tune_calib.__dict__}, **tuning.stats},
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
         "calibration": None if windows is None else {**calib.__dict__},

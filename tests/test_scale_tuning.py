@@ -64,9 +64,38 @@ def test_scale_tuning_lowers_the_kl_keeps_the_integers_and_exports(tiny_model, t
         assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
 
 
-def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypatch):
+def _norm_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in scale_tuning.tunable_norms(model)}
+
+
+def test_scale_tuning_with_norms_tunes_every_norm_and_exports(tiny_model, tmp_path):
+    from spinquant.export import write_executorch_checkpoint
+
+    model = _rtn_model(tiny_model)
+    norms_before = _norm_weights(model)
+    assert len(norms_before) == 2 * tiny_model.config.num_hidden_layers + 1
+    windows = _windows(tiny_model, 16, 0)
+    kl_before = _kl(model, tiny_model, windows)
+    cfg = ScaleTuningConfig(steps=16, lr=1e-2, norms=True)
+    tune_scales(model, tiny_model, windows, cfg, progress=False)
+    assert _kl(model, tiny_model, windows) < 0.9 * kl_before
+    for name, norm in scale_tuning.tunable_norms(model):
+        assert type(norm).__name__ == "LlamaRMSNorm" and isinstance(norm.weight, torch.nn.Parameter), name
+        assert not norm.weight.requires_grad and not torch.equal(norm.weight, norms_before[name]), name
+    assert 0 < cfg.stats["norm_relative_change"]["mean"] <= cfg.stats["norm_relative_change"]["max"]
+    assert not any(p.requires_grad for p in model.parameters())
+    # the checkpoint carries the tuned norm weights: ExecuTorch's own model computes the tuned model
+    write_executorch_checkpoint(model, META_8DA4W, tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypatch, norms):
     model = _rtn_model(tiny_model)
     before = {n: lin.scales.clone() for n, lin in quant_linears(model)}
+    norms_before = _norm_weights(model)
     calls = []
     real = scale_tuning.chunked_kl
 
@@ -78,10 +107,13 @@ def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypa
 
     monkeypatch.setattr(scale_tuning, "chunked_kl", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=4, lr=1e-2), progress=False)
+        tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=4, lr=1e-2, norms=norms),
+                    progress=False)
     assert len(calls) == 3
     for name, lin in quant_linears(model):
         assert torch.equal(lin.scales, before[name]) and lin.scale_log_offset is None, name
+    for name, norm in scale_tuning.tunable_norms(model):
+        assert type(norm).__name__ == "LlamaRMSNorm" and torch.equal(norm.weight, norms_before[name]), name
 
 
 def test_scale_tuning_refuses_bad_input(tiny_model):
@@ -115,3 +147,17 @@ def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_di
     assert r.exit_code == 2, r.output
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "neg"), "--tune-scales-steps", "-1"])
     assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "neg").exists()
+
+
+def test_quantize_identity_names_norm_tuning_only_when_on():
+    from spinquant.data import CalibrationSet
+    from spinquant.pipeline import quantize_identity
+
+    calib = CalibrationSet(source="text.raw", nsamples=4, seqlen=64, seed=0)
+    wq = WeightQuantConfig(method="gptq")
+    ident = {norms: quantize_identity("m", META_8DA4W, wq, "hadamard", calib, 0, None,
+                                      tuning=ScaleTuningConfig(steps=3, norms=norms))["scale_tuning"]
+             for norms in (False, True)}
+    assert "norms" not in ident[False]  # runs tuned before the option existed keep their identity
+    assert ident[True] == {**ident[False], "norms": True}
+    assert ident[False]["calibration"]["seed"] == 1 and ident[False]["calibration"]["nsamples"] == 3

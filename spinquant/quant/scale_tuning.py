@@ -15,6 +15,11 @@ the loss is the exported model's. The export format is unchanged: int4 / int8 in
 group, which ExecuTorch dequantizes as q x scale whatever value the scale holds. The embedding (a table lookup whose
 rows each see a few tokens of the text) keeps its scales.
 
+With ``norms`` the RMSNorm weights are tuned as well (``g = g0 * exp(φ)`` per channel, φ from 0): every decoder
+layer's two norms and the final one. In the rotated basis a norm weight scales one input column of q/k/v (or
+gate/up, or the output layer) in every row, before the activations are quantized: a degree of freedom the group
+scales do not have, and one the checkpoint already carries (ExecuTorch's RMSNorm multiplies by the stored weight).
+
 Written here because the quantization libraries at hand train scales only inside their own QAT modules and models
 (torchao's QAT fake-quantizers re-derive scales from the weights; EfficientQAT's code is a research repository for
 its own model wrappers), not for fixed integers in an ExecuTorch-format model.
@@ -26,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
@@ -36,10 +43,12 @@ from spinquant.quant.scheme import DEFAULT_TUNE_LR
 
 @dataclass
 class ScaleTuningConfig:
-    """``steps`` windows (one per step, each seen once), Adam ``lr`` on the log-scale offsets θ, cosine decay."""
+    """``steps`` windows (one per step, each seen once), Adam ``lr`` on the log-scale offsets θ, cosine decay;
+    ``norms``: tune the RMSNorm weights too (module docstring)."""
 
     steps: int = 0
     lr: float = DEFAULT_TUNE_LR
+    norms: bool = False
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,6 +61,23 @@ class ScaleTuningConfig:
 def tunable_linears(model: LlamaForCausalLM) -> list[tuple[str, QuantLinear]]:
     """The quantized linears whose scales are tuned: every QuantLinear fixed to integers (block linears, output layer)."""
     return [(name, lin) for name, lin in quant_linears(model) if lin.weight_mode == "fixed"]
+
+
+def tunable_norms(model: LlamaForCausalLM) -> list[tuple[str, nn.Module]]:
+    """The RMSNorms whose weights ``norms`` tunes: each layer's input / post-attention norm, then the final norm."""
+    return [(name, mod) for name, mod in model.named_modules()
+            if name.endswith(("input_layernorm", "post_attention_layernorm")) or name == "model.norm"]
+
+
+class _LogScaled(nn.Module):
+    """A parametrization ``w -> w * exp(φ)`` with φ (n,) a parameter from 0 (torch.nn.utils.parametrize)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        super().__init__()
+        self.log_offset = nn.Parameter(torch.zeros(n, device=device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.log_offset.exp().to(weight.dtype)
 
 
 def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: torch.Tensor, cfg: ScaleTuningConfig,
@@ -77,6 +103,10 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
     for _, lin in named:
         lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
         thetas.append(lin.scale_log_offset)
+    norms = tunable_norms(model) if cfg.norms else []
+    for _, norm in norms:
+        parametrize.register_parametrization(norm, "weight", _LogScaled(norm.weight.shape[0], norm.weight.device))
+        thetas.append(norm.parametrizations.weight[0].log_offset)
     opt = torch.optim.Adam(thetas, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=0.0)
     losses: list[float] = []
@@ -94,12 +124,23 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
             sched.step()
             losses.append(loss.item())
         with torch.no_grad():
-            change = torch.cat([t.detach().flatten() for t in thetas]).exp().sub(1.0).abs()
+            change = torch.cat([t.detach().flatten() for t in thetas[: len(named)]]).exp().sub(1.0).abs()
+            norm_change = (torch.cat([t.detach().flatten() for t in thetas[len(named):]]).exp().sub(1.0).abs()
+                           if norms else None)
             for _, lin in named:
                 lin.scales = (lin.scales * lin.scale_log_offset.detach().exp()).float()
-    finally:  # a failed run leaves the scales as they were
+            for _, norm in norms:
+                parametrize.remove_parametrizations(norm, "weight", leave_parametrized=True)
+                norm.weight.requires_grad_(False)
+    finally:  # a failed run leaves the scales (and norm weights) as they were
         for _, lin in named:
             lin.scale_log_offset = None
+        for _, norm in norms:
+            if parametrize.is_parametrized(norm, "weight"):
+                parametrize.remove_parametrizations(norm, "weight", leave_parametrized=False)
+                norm.weight.requires_grad_(False)
     cfg.stats.update({"losses": losses, "seconds": time.perf_counter() - t0,
                       "relative_change": {"mean": change.mean().item(), "max": change.max().item()}})
+    if norm_change is not None:
+        cfg.stats["norm_relative_change"] = {"mean": norm_change.mean().item(), "max": norm_change.max().item()}
     return model
