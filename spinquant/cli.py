@@ -99,6 +99,8 @@ TUNE_STEPS_HELP = ("After GPTQ, tune every quantized linear's scales end to end 
                    "one calibration window per step, windows other than GPTQ's (quant/scale_tuning.py; SmolLM2 8da4w: KL "
                    "-5%, about 12 s/step on 2 CPU cores at 1024 tokens; README Results). 0: off.")
 TUNE_LR_HELP = "Adam learning rate of the scale tuning, on the log-scales (a relative change per step)."
+TUNE_NORMS_HELP = ("The scale tuning also tunes the RMSNorm weights (per channel, in the rotated basis; the checkpoint carries "
+                   "them): SmolLM2 W4A4KV4 KL -5.8% more, 8da4w no gain (benchmarks/results/scale_tuning.md).")
 
 GPTQ_TARGET_DAMP_HELP = ("With --gptq-target float: ridge damping of its least-squares fit to the float model, as a fraction "
                          "of the mean Hessian diagonal; larger pulls the fit towards the layer's own weights, infinity = --gptq-target "
@@ -212,6 +214,7 @@ def calibration_options(nsamples_default: int):
 @click.option("--tune-scales-steps", type=click.IntRange(min=0), default=0, show_default=True, help=TUNE_STEPS_HELP)
 @click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TUNE_LR, show_default=True,
               help=TUNE_LR_HELP)
+@click.option("--tune-norms", is_flag=True, help=TUNE_NORMS_HELP)
 @calibration_options(128)
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
@@ -219,7 +222,7 @@ def calibration_options(nsamples_default: int):
 @overwrite_option
 @friendly_errors
 def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
-             percdamp, gptq_target, gptq_clip, gptq_target_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, calib,
+             percdamp, gptq_target, gptq_clip, gptq_target_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, tune_norms, calib,
              calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
     from spinquant.pipeline import quantize_to_run
@@ -234,7 +237,7 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
 
     from spinquant.quant.scale_tuning import ScaleTuningConfig
 
-    tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr)
+    tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr, norms=tune_norms)
     calib_set = (resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field)
                  if method == "gptq" or tuning.steps else None)
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,

@@ -142,6 +142,16 @@ def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_di
     assert st["calibration"]["nsamples"] == 3 and st["calibration"]["seed"] == 1  # GPTQ's seed (0) + 1: other windows
     a, b = load_model(plain).model.layers[1].mlp.down_proj, load_model(tuned).model.layers[1].mlp.down_proj
     assert torch.equal(a.qweight, b.qweight) and not torch.equal(a.scales, b.scales)
+    # --tune-norms: recorded, and the norm weights move too (the integers still those of the untuned run)
+    normed = tmp_path / "normed"
+    r = CliRunner().invoke(cli, [*base, "--out", str(normed), "--tune-scales-steps", "3", "--tune-scales-lr", "0.01",
+                                 "--tune-norms"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((normed / "quant_config.json").read_text())["scale_tuning"]["norms"] is True
+    assert st["norms"] is False
+    a_norm = load_model(plain).model.layers[1].post_attention_layernorm.weight
+    c = load_model(normed).model.layers[1]
+    assert not torch.equal(a_norm, c.post_attention_layernorm.weight) and torch.equal(a.qweight, c.mlp.down_proj.qweight)
     # the tuning is part of what the run is: the same --out with other tuning options is another run (refused)
     r = CliRunner().invoke(cli, [*base, "--out", str(tuned), "--tune-scales-steps", "4"])
     assert r.exit_code == 2, r.output
