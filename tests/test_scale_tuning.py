@@ -155,6 +155,8 @@ def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_di
     # the tuning is part of what the run is: the same --out with other tuning options is another run (refused)
     r = CliRunner().invoke(cli, [*base, "--out", str(tuned), "--tune-scales-steps", "4"])
     assert r.exit_code == 2, r.output
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "nosteps"), "--tune-norms"])  # would do nothing: refused
+    assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "nosteps").exists()
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "neg"), "--tune-scales-steps", "-1"])
     assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "neg").exists()
 
