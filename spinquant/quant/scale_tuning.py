@@ -80,6 +80,12 @@ class _LogScaled(nn.Module):
         return weight * self.log_offset.exp().to(weight.dtype)
 
 
+def _relative_change(log_offsets: list[torch.Tensor]) -> dict[str, float]:
+    """Mean and max |exp(θ) - 1| over all entries of ``log_offsets``."""
+    change = torch.cat([t.detach().flatten() for t in log_offsets]).exp().sub(1.0).abs()
+    return {"mean": change.mean().item(), "max": change.max().item()}
+
+
 def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: torch.Tensor, cfg: ScaleTuningConfig,
                 progress: bool = True) -> LlamaForCausalLM:
     """Tune the scales of ``model``'s fixed linears in place (module docstring); returns ``model``.
@@ -104,13 +110,15 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
         lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
         thetas.append(lin.scale_log_offset)
     norms = tunable_norms(model) if cfg.norms else []
+    phis = []
     for _, norm in norms:
         parametrize.register_parametrization(norm, "weight", _LogScaled(norm.weight.shape[0], norm.weight.device))
-        thetas.append(norm.parametrizations.weight[0].log_offset)
-    opt = torch.optim.Adam(thetas, lr=cfg.lr)
+        phis.append(norm.parametrizations.weight[0].log_offset)
+    opt = torch.optim.Adam(thetas + phis, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=0.0)
     losses: list[float] = []
     t0 = time.perf_counter()
+    baked = False
     try:
         for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
             ids = windows[step : step + 1].to(device)
@@ -124,23 +132,16 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
             sched.step()
             losses.append(loss.item())
         with torch.no_grad():
-            change = torch.cat([t.detach().flatten() for t in thetas[: len(named)]]).exp().sub(1.0).abs()
-            norm_change = (torch.cat([t.detach().flatten() for t in thetas[len(named):]]).exp().sub(1.0).abs()
-                           if norms else None)
             for _, lin in named:
                 lin.scales = (lin.scales * lin.scale_log_offset.detach().exp()).float()
-            for _, norm in norms:
-                parametrize.remove_parametrizations(norm, "weight", leave_parametrized=True)
-                norm.weight.requires_grad_(False)
-    finally:  # a failed run leaves the scales (and norm weights) as they were
+        baked = True
+    finally:  # a failed run leaves the scales (and norm weights) as they were; a finished one bakes the norms' φ
         for _, lin in named:
             lin.scale_log_offset = None
         for _, norm in norms:
-            if parametrize.is_parametrized(norm, "weight"):
-                parametrize.remove_parametrizations(norm, "weight", leave_parametrized=False)
-                norm.weight.requires_grad_(False)
-    cfg.stats.update({"losses": losses, "seconds": time.perf_counter() - t0,
-                      "relative_change": {"mean": change.mean().item(), "max": change.max().item()}})
-    if norm_change is not None:
-        cfg.stats["norm_relative_change"] = {"mean": norm_change.mean().item(), "max": norm_change.max().item()}
+            parametrize.remove_parametrizations(norm, "weight", leave_parametrized=baked)
+            norm.weight.requires_grad_(False)
+    cfg.stats.update({"losses": losses, "seconds": time.perf_counter() - t0, "relative_change": _relative_change(thetas)})
+    if phis:
+        cfg.stats["norm_relative_change"] = _relative_change(phis)
     return model
