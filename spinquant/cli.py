@@ -394,6 +394,7 @@ def _target_help() -> str:
 @click.option("--tune-scales-steps", type=click.IntRange(min=0), default=None,
               help=TUNE_STEPS_HELP + f" [default: {DEFAULT_TUNE_STEPS}; 0 with --recipe meta]")
 @click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=None, help=TUNE_LR_HELP + f" [default: {DEFAULT_TUNE_LR}]")
+@click.option("--tune-norms", is_flag=True, help=TUNE_NORMS_HELP + " Off by default: calibrate's targets have 8-bit activations.")
 @click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
                    "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")

@@ -18,8 +18,8 @@ from spinquant.quant.scheme import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, FLOAT_TA
 RECIPES: dict[str, dict[str, Any]] = {
     "meta": {"rotations": "learned", "steps": 100, "batch_size": 8, "nsamples": None, "seqlen": 2048, "lr": 1.5,
              "learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn", "gptq_nsamples": 128, "gptq_target": "layer",
-             "gptq_clip": "plain", "gptq_refit_scales": False, "tune_scales_steps": 0, "max_angle": 0.0,
-             "r4": "auto"},
+             "gptq_clip": "plain", "gptq_refit_scales": False, "tune_scales_steps": 0, "tune_norms": False,
+             "max_angle": 0.0, "r4": "auto"},
 }
 # What calibrate uses for these options when neither the user nor a --recipe sets them (their CalibrateOptions default
 # is None, "unset"): the settings that won on the held-out real model and did not lose on the shared one

@@ -68,7 +68,8 @@ def _rotations_line(o: dict[str, Any]) -> str:
     from spinquant.recipes import RECIPE_TEXT
 
     r4 = "; R4 online before down_proj" if o.get("r4", "on") == "on" else "; no R4"
-    tuned = (f" After GPTQ the scales were tuned end to end on KL to the float model ({o['tune_scales_steps']} windows x "
+    tuned_what = "the scales and RMSNorm weights were" if o.get("tune_norms") else "the scales were"
+    tuned = (f" After GPTQ {tuned_what} tuned end to end on KL to the float model ({o['tune_scales_steps']} windows x "
              f"{o.get('seqlen')} tokens, lr {o.get('tune_scales_lr')})." if o.get("tune_scales_steps") else "")
     if o.get("rotations") == "hadamard" or not o.get("learned", True):
         how = "learned rotations copied from another run" if o.get("rotations") == "learned" else f"random Hadamard (seed {o.get('seed')}), no learning"

@@ -61,6 +61,7 @@ class CalibrateOptions:
     gptq_refit_scales: bool | None = None  # least-squares refit of GPTQ's group scales (WeightQuantConfig.scale_refit); None: default
     tune_scales_steps: int | None = None  # end-to-end scale tuning after GPTQ (quant/scale_tuning.py); 0: off; None: default
     tune_scales_lr: float | None = None  # its Adam learning rate on the log-scales; None: default
+    tune_norms: bool = False  # the scale tuning also tunes the RMSNorm weights (ScaleTuningConfig.norms); needs tuning steps
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str = "wikitext2"
@@ -166,7 +167,7 @@ def scale_tuning_config(opts: CalibrateOptions):
     """The ScaleTuningConfig of calibrate's scale tuning after GPTQ (steps 0: none)."""
     from spinquant.quant.scale_tuning import ScaleTuningConfig
 
-    return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr)
+    return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr, norms=bool(opts.tune_norms))
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
@@ -365,6 +366,9 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
             flag = "--" + name.replace("_", "-")
             raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
     check_damping("--gptq-target-damp", opts.gptq_target_damp)  # before any learning; GPTQ's config checks it again
+    if opts.tune_norms and not opts.tune_scales_steps:
+        raise SpinQuantError("--tune-norms tunes the norms inside the scale tuning, which is off (--tune-scales-steps 0): "
+                             "give --tune-scales-steps N (N > 0), or drop --tune-norms")
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
@@ -398,6 +402,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["gptq_refit_scales"]  # named only when on: runs made before the option existed keep their identity
     if not identity["tune_scales_steps"]:
         del identity["tune_scales_steps"], identity["tune_scales_lr"]  # likewise named only when on
+    if not identity["tune_norms"]:
+        del identity["tune_norms"]  # likewise
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)

@@ -157,6 +157,40 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     assert (load_rbin(tmp_path / "run_layer" / "R.bin").r1 == got.r1).all()  # same rotation, other quantizer
 
 
+def test_calibrate_tunes_the_norms_only_when_asked(tiny_model_dir, corpus_file, tmp_path):
+    """--tune-norms: the scale tuning also tunes the RMSNorm weights; recorded, reported, part of the run's identity."""
+    from spinquant.models import load_model
+
+    fast = ("--no-pte", "--rotations", "hadamard", "--tune-scales-steps", "2", "--tune-scales-lr", "0.01")
+    out = tmp_path / "run"
+    r = _calibrate(tiny_model_dir, out, corpus_file, *fast, "--tune-norms")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "calibrate_config.json").read_text())["tune_norms"] is True
+    assert json.loads((out / "quant_config.json").read_text())["scale_tuning"]["norms"] is True
+    assert "After GPTQ the scales and RMSNorm weights were tuned end to end" in (out / "report.md").read_text()
+    # the fused norms were all ones (their scales live in the next linears); tuned, they moved
+    layer = load_model(out).model.layers[0]
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
+    plain = tmp_path / "plain"
+    r = _calibrate(tiny_model_dir, plain, corpus_file, *fast)
+    assert r.exit_code == 0, r.output
+    assert json.loads((plain / "quant_config.json").read_text())["scale_tuning"]["norms"] is False
+    assert "After GPTQ the scales were tuned end to end" in (plain / "report.md").read_text()
+    assert torch.equal(load_model(plain).model.layers[0].input_layernorm.weight,
+                       torch.ones_like(layer.input_layernorm.weight))
+    # the same directory without --tune-norms is another run: refused, named
+    r = _calibrate(tiny_model_dir, out, corpus_file, *fast)
+    assert r.exit_code == 2 and "tune_norms" in r.output, r.output
+    # norms without the tuning would do nothing, and Meta's recipe tunes nothing: refused before anything is created
+    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--tune-norms", "--tune-scales-steps", "0"),
+                    "give --tune-scales-steps N (N > 0), or drop --tune-norms")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe", "meta",
+                                 "--tune-norms"])
+    _one_line_error(r, "--recipe meta sets --tune-norms False, but --tune-norms True was given")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
