@@ -237,8 +237,6 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
 
     from spinquant.quant.scale_tuning import ScaleTuningConfig
 
-    if tune_norms and not tune_scales_steps:
-        raise click.UsageError("--tune-norms tunes the norms inside the scale tuning: give --tune-scales-steps N (N > 0) too")
     tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr, norms=tune_norms)
     calib_set = (resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field)
                  if method == "gptq" or tuning.steps else None)

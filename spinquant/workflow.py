@@ -366,9 +366,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
             flag = "--" + name.replace("_", "-")
             raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
     check_damping("--gptq-target-damp", opts.gptq_target_damp)  # before any learning; GPTQ's config checks it again
-    if opts.tune_norms and not opts.tune_scales_steps:
-        raise SpinQuantError("--tune-norms tunes the norms inside the scale tuning, which is off (--tune-scales-steps 0): "
-                             "give --tune-scales-steps N (N > 0), or drop --tune-norms")
+    scale_tuning_config(opts)  # its checks (the norms need tuning steps) before anything is created; quantize builds it again
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings

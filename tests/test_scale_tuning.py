@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from spinquant.cli import cli
+from spinquant.errors import SpinQuantError
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.models import load_model, untie_embeddings
 from spinquant.quant import scale_tuning
@@ -121,6 +122,8 @@ def test_scale_tuning_refuses_bad_input(tiny_model):
         ScaleTuningConfig(steps=-1)
     with pytest.raises(ValueError, match="learning rate must be positive"):
         ScaleTuningConfig(steps=1, lr=0.0)
+    with pytest.raises(SpinQuantError, match="give --tune-scales-steps N"):
+        ScaleTuningConfig(steps=0, norms=True)  # the norms are tuned inside the scale tuning: it would do nothing
     model = _rtn_model(tiny_model)
     with pytest.raises(ValueError, match="needs 5 windows"):
         tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=5), progress=False)

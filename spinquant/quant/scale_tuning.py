@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from spinquant.errors import SpinQuantError
 from spinquant.kl_loss import chunked_kl
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import DEFAULT_TUNE_LR
@@ -56,6 +57,9 @@ class ScaleTuningConfig:
             raise ValueError(f"scale tuning steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"scale tuning learning rate must be positive, got {self.lr}")
+        if self.norms and not self.steps:  # the norms are tuned inside the scale tuning: without steps, nothing would be
+            raise SpinQuantError("--tune-norms tunes the norms inside the scale tuning, which is off (--tune-scales-steps "
+                                 "0): give --tune-scales-steps N (N > 0), or drop --tune-norms")
 
 
 def tunable_linears(model: LlamaForCausalLM) -> list[tuple[str, QuantLinear]]:
