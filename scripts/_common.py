@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluation_ids, evaluation_windows, hf_logits_fn
 from spinquant.fusion import Rotations, fuse_and_rotate
-from spinquant.models import load_model, load_tokenizer
+from spinquant.formats import load_model, load_tokenizer
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.scheme import QuantScheme
 

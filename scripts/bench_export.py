@@ -25,7 +25,8 @@ import torch
 
 from spinquant.data import CalibrationSet
 from spinquant.evaluate import evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.models import load_model, load_tokenizer, save_meta
+from spinquant.formats import load_model, load_tokenizer
+from spinquant.formats.meta import save_meta
 from spinquant.pipeline import export_run, quantize_to_run
 from spinquant.pte import PteModel
 from spinquant.quant.apply import WeightQuantConfig

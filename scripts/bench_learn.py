@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from spinquant.models import load_model, untie_embeddings
+from spinquant.formats import load_model
+from spinquant.formats.hf import untie_embeddings
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
 from _common import SHARED, result_path
 

@@ -25,8 +25,9 @@ import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.fusion import Rotations, load_rbin, save_rbin
-from spinquant.models import load_model, load_tokenizer
+from spinquant.fusion import Rotations
+from spinquant.formats.rbin import load_rbin, save_rbin
+from spinquant.formats import load_model, load_tokenizer
 from spinquant.outliers import massive_channels
 from spinquant.pipeline import rotations_file
 from spinquant.quant.apply import WeightQuantConfig

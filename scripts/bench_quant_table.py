@@ -29,7 +29,7 @@ import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import evaluate, hf_logits_fn
-from spinquant.models import load_tokenizer
+from spinquant.formats import load_tokenizer
 from spinquant.pipeline import resolve_rotations, tuning_calibration
 from spinquant.fusion import Rotations
 from spinquant.quant.apply import WeightQuantConfig

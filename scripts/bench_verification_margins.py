@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 from spinquant.evaluate import evaluation_ids, evaluation_windows, hf_logits_fn
-from spinquant.export import executorch_params, executorch_state_dict
+from spinquant.formats.executorch import executorch_params, executorch_state_dict
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.hadamard import hadamard_matrix
-from spinquant.models import load_model, load_tokenizer, permute_rope_rows, untie_embeddings
+from spinquant.formats import load_model, load_tokenizer
+from spinquant.formats.meta import permute_rope_rows
+from spinquant.formats.hf import untie_embeddings
 from spinquant.pipeline import compare_logits
 from spinquant.pte import PteModel, run_export_llama
 from spinquant.quant.apply import WeightQuantConfig, quantize_model

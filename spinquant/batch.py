@@ -15,41 +15,27 @@ import multiprocessing
 import os
 import queue
 import socket
-import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+from spinquant.atomic import write_text_atomic
+from spinquant.batch_jobs import Progress, execute_job, is_finished, job_row
+from spinquant.batch_ray import check_ray, run_on_ray
 from spinquant.errors import SpinQuantError
+from spinquant.recipes import RENAMED
+from spinquant.workflow import CalibrateOptions
 
-PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib")
+PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib", "recipe")
 ROOT_KEYS = ("out_root", "shared_root")  # batch-level keys of ``defaults:``, not calibrate options
-TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
-PREFIX = "[spinquant batch]"
 
 
 # --- the YAML file -----------------------------------------------------------------------------------
 
 
 def _option_names() -> list[str]:
-    from spinquant.workflow import CalibrateOptions
-
     return CalibrateOptions.names()
-
-
-def _check_type(where: str, key: str, value: Any) -> None:
-    """A YAML value must have the type of the calibrate option it sets (``steps: two`` is refused, named)."""
-    from spinquant.workflow import CalibrateOptions
-
-    allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
-    ok = ((value is None and "None" in allowed) or (isinstance(value, bool) and "bool" in allowed)
-          or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
-          or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed))
-    if not ok:
-        want = " or ".join(TYPE_WORDS[t] for t in sorted(allowed) if t != "None")
-        raise SpinQuantError(f"{where}: {key} must be {want} (got {value!r})")
 
 
 def _is_local_path(value: str, key: str, base: Path) -> bool:
@@ -57,7 +43,7 @@ def _is_local_path(value: str, key: str, base: Path) -> bool:
     bundled set: ``out`` always; ``model``/data values only if they exist there or start with ./ or ../."""
     if Path(value).expanduser().is_absolute() or value == "wikitext2" or value.startswith("hub:"):
         return False
-    if key == "calib" and not value.endswith((".yaml", ".yml")):
+    if key in ("calib", "recipe") and not value.endswith((".yaml", ".yml")):  # a bundled set or shipped recipe
         return False
     return key == "out" or (base / value).exists() or value.startswith(("./", "../"))
 
@@ -123,7 +109,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
     defaults = dict(defaults)
     base = p.parent.absolute()
     roots = _Roots(path, defaults, base)
-    valid = set(_option_names()) | {"models_glob"}
+    valid = set(_option_names()) | {"models_glob"} | set(RENAMED)
     jobs: list[dict[str, Any]] = []
     for i, entry in enumerate(doc["jobs"]):
         where = f"{path}: job {i + 1}"
@@ -141,7 +127,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
                 if not isinstance(value, str):
                     raise SpinQuantError(f"{where}: models_glob must be a string (got {value!r})")
                 continue
-            _check_type(where, key, value)
+            CalibrateOptions.check_value(where, RENAMED.get(key, key), value)
             if key in PATH_OPTIONS and isinstance(value, str) and _is_local_path(value, key, base):
                 relative[key] = value
                 merged[key] = str((roots.out_base() if key == "out" else base) / Path(value).expanduser())
@@ -178,78 +164,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
     return jobs
 
 
-# --- one job ---------------------------------------------------------------------------------------------
-
-
-def job_name(job: dict[str, Any]) -> str:
-    return Path(str(job["out"])).name
-
-
-def is_finished(job: dict[str, Any]) -> bool:
-    """Every stage of the job's run directory is recorded as finished and its report exists."""
-    from spinquant.workflow import STAGES, STAGES_FILE, _json
-
-    out = Path(job["out"])
-    return all(s in _json(out / STAGES_FILE) for s in STAGES) and (out / "report.json").is_file()
-
-
-def job_row(job: dict[str, Any], status: str, error: str | None, seconds: float, node: str | None) -> dict[str, Any]:
-    """The summary row of a job: its status, one-line error, time, node, and the quality numbers of its report."""
-    from spinquant.workflow import _json
-
-    out = Path(job["out"])
-    rep = _json(out / "report.json")
-    ev = rep.get("evaluation") or {}
-    size = next((b for f, b in (rep.get("sizes") or {}).items() if f in ("model.pte", "consolidated.00.pth")), None)
-    return {"model": job["model"], "out": str(out), "status": status, "error": error, "node": node,
-            "ppl_float": (ev.get("float") or {}).get("ppl"), "ppl_quantized": (ev.get("quantized") or {}).get("ppl"),
-            "kl": (ev.get("quantized") or {}).get("kl"), "size_mib": size / 2**20 if size else None, "seconds": seconds}
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for a failed job: our own errors as they are, anything else with its type."""
-    msg = str(exc) if isinstance(exc, SpinQuantError) else f"{type(exc).__name__}: {exc}"
-    return (msg.strip().splitlines() or [type(exc).__name__])[0]
-
-
-def execute_job(job: dict[str, Any], node: str | None = None) -> dict[str, Any]:
-    """Run one job: ``spinquant calibrate`` with its options, resuming whatever its run directory already holds.
-
-    The one job-execution function of every runner (this process, a GPU-pinned process, a Ray worker). A job's
-    own failure does not raise: it comes back as the row's ``status: failed`` with a one-line ``error``.
-    Interrupts (^C, SIGTERM) do raise, so that the runner stops.
-    """
-    from spinquant.workflow import CalibrateOptions, calibrate
-
-    node = node or socket.gethostname()
-    t = time.perf_counter()
-    try:
-        calibrate(CalibrateOptions(**job))
-    except Exception as exc:  # a failed job must not stop the others
-        return job_row(job, "failed", error_line(exc), time.perf_counter() - t, node)
-    return job_row(job, "ok", None, time.perf_counter() - t, node)
-
-
 # --- runners ---------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """One line on stderr per job state change: queued, running on NODE, finished in T, failed: reason."""
-
-    def __init__(self, jobs: list[dict[str, Any]], echo: Callable[[str], None] | None = None) -> None:
-        self.jobs = jobs
-        self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._lock = threading.Lock()
-
-    def say(self, i: int, state: str) -> None:
-        with self._lock:
-            self._echo(f"{PREFIX} job {i + 1}/{len(self.jobs)} {job_name(self.jobs[i])}: {state}")
-
-    def result(self, i: int, row: dict[str, Any]) -> None:
-        if row["status"] == "ok":
-            self.say(i, f"finished in {row['seconds']:.0f} s")
-        else:
-            self.say(i, f"{row['status']}: {row['error']}")
 
 
 def _run_here(jobs: list[dict[str, Any]], pending: list[int], rows: list, progress: Progress) -> None:
@@ -319,8 +234,6 @@ def run_batch(path: str, ray_address: str | None = None, cpus_per_job: int = 2,
     """
     jobs = load_jobs(path, shared=ray_address is not None)
     if ray_address is not None:
-        from spinquant.batch_ray import check_ray
-
         check_ray(ray_address)  # Ray installed, the address answers: before any job line
     progress = Progress(jobs, echo)
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
@@ -332,8 +245,6 @@ def run_batch(path: str, ray_address: str | None = None, cpus_per_job: int = 2,
         else:
             pending.append(i)
     if ray_address is not None:
-        from spinquant.batch_ray import run_on_ray
-
         run_on_ray(jobs, pending, rows, progress, ray_address, cpus_per_job)
     else:
         for i in pending:
@@ -367,7 +278,6 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(path: str, rows: list[dict[str, Any]]) -> str:
     """Write JOBS.summary.md and JOBS.summary.json beside the batch file; returns the table."""
-    from spinquant.atomic import write_text_atomic
 
     table = summary_table(rows)
     base = Path(path).with_suffix("")

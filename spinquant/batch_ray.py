@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spinquant.batch import Progress, error_line, execute_job, job_row
+from spinquant.batch_jobs import Progress, error_line, execute_job, job_row
 from spinquant.errors import SpinQuantError
 
 # environment a worker needs to behave like this machine (hub access/offline mode, our cache)

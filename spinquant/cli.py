@@ -14,15 +14,25 @@ from typing import Any
 
 import logging
 
-import click
-
-from spinquant.errors import SpinQuantError
-from spinquant.quant.scheme import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, FLOAT_TARGET_PERCDAMP
-
-# torchao (pulled in by transformers/executorch) warns on import about CUDA-only extensions it cannot
-# load on a CPU machine, and torch about deprecated pytree registrations: noise for CLI users.
+# torchao (pulled in by transformers/executorch) warns on import about CUDA-only extensions it cannot load on a CPU
+# machine, and torch about deprecated pytree registrations: noise for CLI users, silenced before the imports below
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import click  # noqa: E402
+import yaml  # noqa: E402
+
+from spinquant.batch import run_batch, write_summary  # noqa: E402
+from spinquant.data import resolve_calibration  # noqa: E402
+from spinquant.errors import SpinQuantError  # noqa: E402
+from spinquant.pipeline import evaluate_model, export_run, learn_rotations, quantize_to_run, rotate_model  # noqa: E402
+from spinquant.quant.apply import WeightQuantConfig  # noqa: E402
+from spinquant.quant.scale_tuning import ScaleTuningConfig  # noqa: E402
+from spinquant.quant.scheme import QuantScheme  # noqa: E402
+from spinquant.recipes import DEFAULTS  # noqa: E402
+from spinquant.rotation import LearnConfig  # noqa: E402
+from spinquant.targets import DEFAULT_TARGET, TARGETS, get_target  # noqa: E402
+from spinquant.workflow import CalibrateOptions, calibrate as run_calibrate, requantize as run_requantize, resolve_r4  # noqa: E402
 
 
 # errors of the machine or file system, not of spinquant: one line naming the file, exit 2, no traceback
@@ -87,25 +97,8 @@ def overwrite_option(fn):
                         help="Replace an --out that holds something else (never an input). Without it such an --out is refused.")(fn)
 
 
-GPTQ_CLIP_HELP = ("Range setting inside GPTQ: each group's clip ratio minimises the weights' error with every input column "
-                  "counted equally (plain) or by GPTQ's own cost of an error there, 1 / [H^-1]_jj (weighted; no extra time; "
-                  "SmolLM2 8da4w KL 0.91x with plain GPTQ, 0.99x with --gptq-target float, +2% on the 25M model: "
-                  "benchmarks/results/gptq_weighted_clip.md).")
-
-GPTQ_REFIT_HELP = ("After GPTQ, refit each row's group scales to its integers by least squares on the calibration inputs "
-                   "(the integers stay; seconds per model; quant/scale_refit.py; README Results).")
-
-TUNE_STEPS_HELP = ("After GPTQ, tune every quantized linear's scales end to end (integers fixed) on KL to the float model, "
-                   "one calibration window per step, windows other than GPTQ's (quant/scale_tuning.py; SmolLM2 8da4w: KL "
-                   "-5%, about 12 s/step on 2 CPU cores at 1024 tokens; README Results). 0: off.")
-TUNE_LR_HELP = "Adam learning rate of the scale tuning, on the log-scales (a relative change per step)."
-TUNE_NORMS_HELP = ("The scale tuning also tunes the RMSNorm weights (per channel, in the rotated basis; the checkpoint carries "
-                   "them): SmolLM2 W4A4KV4 KL -5.8% more, 8da4w no gain (benchmarks/results/scale_tuning.md).")
-
-GPTQ_TARGET_DAMP_HELP = ("With --gptq-target float: ridge damping of its least-squares fit to the float model, as a fraction "
-                         "of the mean Hessian diagonal; larger pulls the fit towards the layer's own weights, infinity = --gptq-target "
-                         "layer (SmolLM2 8da4w: 0.1 gives 0.82x the KL of 0.01 over three Hadamard seeds: "
-                         "benchmarks/results/gptq_float_target_damping.md).")
+R4_HELP = ("The online Hadamard R4 before down_proj. auto: on, unless ExecuTorch's runtime cannot compute it at the "
+           "model's intermediate size (it takes powers of two): then off, said in one line.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,22 +112,29 @@ def cli() -> None:
     transformers.utils.logging.set_verbosity_error()  # load reports and deprecation notes are not for our users
 
 
+def r4_option(fn):
+    return click.option("--r4", "r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                        help=R4_HELP)(fn)
+
+
+def _r4_on(choice: str, model_src: str) -> bool:
+    """--r4 auto|on|off for the single-stage commands: auto as calibrate resolves it for the default target."""
+    return resolve_r4(choice, model_src, get_target(DEFAULT_TARGET), pte=True) == "on"
+
+
 @cli.command()
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, help="Output directory (new or empty; see --overwrite).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard signs.")
-@click.option("--r4/--no-r4", default=True, show_default=True, help="Fold R4 into down_proj and keep an online Hadamard before it.")
+@r4_option
 @overwrite_option
 @friendly_errors
-def rotate(model_src: str, out_dir: str, seed: int, r4: bool, overwrite: bool) -> None:
+def rotate(model_src: str, out_dir: str, seed: int, r4: str, overwrite: bool) -> None:
     """Fuse norms and apply random-Hadamard R1/R2 (and R4): a float model that computes the same function."""
-    from spinquant.pipeline import rotate_model
-
-    report = rotate_model(model_src, out_dir, seed=seed, r4=r4, overwrite=overwrite)
-    click.echo(
-        f"wrote {out_dir} (R.bin + HF model{' with online R4' if r4 else ''}); verified after reload: "
-        f"max relative logit difference {report['max_rel_diff']:.2e}"
-    )
+    on = _r4_on(r4, model_src)
+    report = rotate_model(model_src, out_dir, seed=seed, r4=on, overwrite=overwrite)
+    click.echo(f"wrote {out_dir} (R.bin + HF model{' with online R4' if on else ''}); verified after reload: "
+               f"max relative logit difference {report['max_rel_diff']:.2e}")
 
 
 @cli.command("eval")
@@ -150,7 +150,6 @@ def rotate(model_src: str, out_dir: str, seed: int, r4: bool, overwrite: bool) -
 def eval_cmd(model_src: str, data: str, seqlen: int, max_windows: int | None, reference_src: str | None,
              tokenizer_src: str | None, text_field: str, as_json: bool) -> None:
     """WikiText-2 perplexity (and KL / top-1 agreement to a reference model)."""
-    from spinquant.pipeline import evaluate_model
 
     result = evaluate_model(model_src, data=data, seqlen=seqlen, max_windows=max_windows, reference_src=reference_src,
                             tokenizer_src=tokenizer_src, text_field=text_field, progress=not as_json)
@@ -168,14 +167,16 @@ def eval_cmd(model_src: str, data: str, seqlen: int, max_windows: int | None, re
         click.echo(f"{k:<{width}}  {v}")
 
 
-def calibration_options(nsamples_default: int):
-    """--calib / --calib-data / --nsamples / --seqlen, shared by the commands that calibrate."""
+def calibration_options(nsamples_default: int, windows_flag: str = "--nsamples", what: str = "Learning"):
+    """--calib / --calib-data / NSAMPLES / --seqlen / --text-field, shared by the commands that calibrate; the windows
+    are --nsamples (learning windows) or --gptq-nsamples (GPTQ's), one name per meaning in every command."""
 
     def deco(fn):
         for opt in reversed([
             click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: a bundled name or a YAML file (see calibration/README.md)."),
             click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet or a folder) or hub:NAME[:CONFIG[:SPLIT]]; replaces the set's source."),
-            click.option("--nsamples", type=int, default=None, help=f"Calibration windows [default: the set's, else {nsamples_default}]."),
+            click.option(windows_flag, "nsamples", type=int, default=None,
+                         help=f"{what} windows [default: the set's, else {nsamples_default}]."),
             click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [default: the set's, else 2048]."),
             click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: the set's, else text]; rows with 'messages' are chat."),
         ]):
@@ -188,62 +189,48 @@ def calibration_options(nsamples_default: int):
 @cli.command()
 @click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", "out_dir", required=True, help="Run directory to write (new or empty; the same command and options re-make it).")
-@click.option("--rotations", default="hadamard", show_default=True, help="none | hadamard (seeded random R1/R2 + R4) | PATH to an R.bin.")
-@click.option("--r4/--no-r4", default=True, show_default=True, help="With rotations: fold R4 into down_proj and keep the "
-              "online Hadamard before it (ExecuTorch runs it for power-of-two intermediate sizes only).")
+@click.option("--rotations", default="hadamard", show_default=True, help="none | hadamard (seeded random R1/R2) | PATH to an R.bin.")
+@r4_option
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--w-bits", type=int, default=4, show_default=True, help="Block-linear weight bits (16 = float).")
 @click.option("--group-size", type=int, default=32, show_default=True, help="Weight group size (32/64/128/256; 0 = per channel).")
 @click.option("--a-bits", type=int, default=8, show_default=True, help="Per-token activation bits (4/8/16).")
-@click.option("--a-sym", is_flag=True, help="Symmetric activation quantization (default asymmetric, as ExecuTorch).")
-@click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (range setting for activations; 1 = none, as ExecuTorch runs).")
 @click.option("--kv-bits", type=int, default=16, show_default=True, help="KV-cache bits (4/8/16); <16 adds the online R3.")
 @click.option("--clip/--no-clip", "clip_search", default=True, show_default=True, help="Range setting (weight clip search).")
-@click.option("--act-order", is_flag=True, help="GPTQ act-order with static groups.")
-@click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ Hessian damping.")
-@click.option("--gptq-target", type=click.Choice(["layer", "float"]), default="layer", show_default=True,
-              help="What GPTQ makes each linear reproduce on its quantized inputs: its own float weight's output (layer), "
-                   "or the float model's output, so later layers also absorb the earlier layers' error (float; GPTAQ; "
-                   "calibrate's default; 2.2x the GPTQ time; better on Hadamard rotations at 8da4w, W4A4KV4 and W4A16, "
-                   "but much worse with learned channel scales at W4A4KV4: README Results).")
-@click.option("--gptq-clip", type=click.Choice(["plain", "weighted"]), default="plain", show_default=True,
-              help=GPTQ_CLIP_HELP)
-@click.option("--gptq-target-damp", type=float, default=FLOAT_TARGET_PERCDAMP, show_default=True,
-              help=GPTQ_TARGET_DAMP_HELP)
-@click.option("--gptq-refit-scales/--no-gptq-refit-scales", default=False, show_default=True, help=GPTQ_REFIT_HELP)
-@click.option("--tune-scales-steps", type=click.IntRange(min=0), default=0, show_default=True, help=TUNE_STEPS_HELP)
-@click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TUNE_LR, show_default=True,
-              help=TUNE_LR_HELP)
-@click.option("--tune-norms", is_flag=True, help=TUNE_NORMS_HELP)
-@calibration_options(128)
+@click.option("--gptq-objective", type=click.Choice(["layer", "float"]), default="layer", show_default=True,
+              help="What GPTQ makes each linear reproduce on its quantized inputs: its own float output (layer), or the float "
+                   "model's, so later layers absorb earlier layers' error (float; calibrate's default; docs/recipe.md).")
+@click.option("--gptq-objective-damp", type=float, default=DEFAULTS["gptq_objective_damp"], show_default=True,
+              help="With --gptq-objective float: ridge damping of its least-squares fit, a fraction of the mean Hessian diagonal.")
+@click.option("--gptq-refit-scales/--no-gptq-refit-scales", default=False, show_default=True,
+              help="After GPTQ, refit each row's group scales to its integers by least squares (the integers stay).")
+@click.option("--tune-scales-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After GPTQ, tune every quantized linear's scales end to end on KL to the float model, one calibration "
+                   "window per step (integers fixed). 0: off.")
+@click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["tune_scales_lr"],
+              show_default=True, help="Adam learning rate of the scale tuning, on the log-scales.")
+@click.option("--tune-norms", is_flag=True, help="The scale tuning also tunes the RMSNorm weights (in the rotated basis).")
+@calibration_options(128, "--gptq-nsamples", "GPTQ calibration")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
 @overwrite_option
 @friendly_errors
-def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, a_sym, a_clip, kv_bits, clip_search, act_order,
-             percdamp, gptq_target, gptq_clip, gptq_target_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, tune_norms, calib,
-             calib_data, nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
-    """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval reads."""
-    from spinquant.pipeline import quantize_to_run
-    from spinquant.quant.apply import WeightQuantConfig
-    from spinquant.quant.scheme import QuantScheme
-
-    scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, a_symmetric=a_sym, a_clip=a_clip, kv_bits=kv_bits)
-    wq = WeightQuantConfig(method=method, clip_search=clip_search, percdamp=percdamp, act_order=act_order,
-                           float_target=gptq_target == "float", weighted_clip=gptq_clip == "weighted",
-                           target_percdamp=gptq_target_damp, scale_refit=gptq_refit_scales)
-    from spinquant.data import resolve_calibration
-
-    from spinquant.quant.scale_tuning import ScaleTuningConfig
-
+def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, kv_bits, clip_search, gptq_objective,
+             gptq_objective_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, tune_norms, calib, calib_data,
+             nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
+    """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval and export read."""
+    scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, kv_bits=kv_bits)
+    wq = WeightQuantConfig(method=method, clip_search=clip_search, float_target=gptq_objective == "float",
+                           target_percdamp=gptq_objective_damp, scale_refit=gptq_refit_scales)
     tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr, norms=tune_norms)
+    on = rotations != "none" and _r4_on(r4, model_src)
     calib_set = (resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field)
                  if method == "gptq" or tuning.steps else None)
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
-                          device=device, tokenizer_src=tokenizer_src, overwrite=overwrite, r4=r4, tuning=tuning)
+                          device=device, tokenizer_src=tokenizer_src, overwrite=overwrite, r4=on, tuning=tuning)
     click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}"
-               f"{'' if r4 or rotations == 'none' else ' without R4'}, "
+               f"{'' if on or rotations == 'none' else ' without R4'}, "
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
     if cfg.get("warning"):
         click.echo(f"warning: {cfg['warning']}", err=True)
@@ -259,7 +246,7 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
 @click.option("--max-seq-len", default=2048, show_default=True, help="The .pte's maximum sequence length.")
 @click.option("--full-logits", is_flag=True, help="Export a .pte that returns logits for every position (for evaluation).")
 @click.option("--max-kl-ratio", default=0.2, show_default=True,
-              help="Verification: largest KL(ours||pte) as a fraction of KL(float||ours) (benchmarks/results/verification_margins.md).")
+              help="Verification: largest KL(ours||pte) as a fraction of KL(float||ours) (its margins: benchmarks/RESULTS.md).")
 @click.option("--max-kl", default=1e-3, show_default=True, help="Verification: largest KL(ours||pte) in nats/token when the float model is not at hand.")
 @click.option("--max-ppl-diff", default=0.01, show_default=True, help="Verification: largest relative perplexity difference.")
 @click.option("--min-top1", default=0.0, show_default=True, help="Verification: least top-1 agreement (reported; near-tied logits flip, so 0 by default).")
@@ -268,7 +255,6 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
 def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen, max_seq_len, full_logits, max_kl_ratio, max_kl,
                max_ppl_diff, min_top1, overwrite) -> None:
     """ExecuTorch checkpoint (consolidated.00.pth + params.json) and a verified model.pte."""
-    from spinquant.pipeline import export_run
 
     r = export_run(run_dir, out_dir, pte=pte, verify_data=verify_data, verify_windows=verify_windows,
                    verify_seqlen=verify_seqlen, max_seq_len=max_seq_len, full_logits=full_logits, max_kl_ratio=max_kl_ratio,
@@ -289,8 +275,7 @@ def export_cmd(run_dir, out_dir, pte, verify_data, verify_windows, verify_seqlen
 
 
 MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vector (scaled by the cosine schedule); steps "
-                  "that would turn further are shortened, keeping their direction. For real models with massive "
-                  "activations, whose gradients ask for turns of ~2 rad at lr 1.5 and throw a plain step off.")
+                  "that would turn further are shortened, keeping their direction (for models with massive activations).")
 
 
 @cli.command("learn-rotations")
@@ -301,7 +286,6 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
 @click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks).")
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--momentum", default=0.0, show_default=True, help="Cayley SGD momentum.")
 @click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " [default: no cap, Meta's plain step].")
 @click.option("--scales/--no-scales", default=False, show_default=True, help="Also learn per-channel scales jointly with R1/R2 "
               "(norm -> q/k/v and gate/up, v -> o per head channel, up -> down), fused into the norm weights and linears "
@@ -321,24 +305,20 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
               help="With --w-bits < 16: the int4 weights the loss sees: round-to-nearest, or GPTQ of the current rotation "
                    "(every step; the final quantizer's weights).")
 @click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
-@click.option("--r4/--no-r4", default=True, show_default=True, help="Learn with R4 folded into down_proj and the online "
-              "Hadamard before it (quantize the result with the same choice).")
+@r4_option
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
 @overwrite_option
 @friendly_errors
 def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
-                        momentum, max_angle, scales, scale_lr, scale_init, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant,
+                        max_angle, scales, scale_lr, scale_init, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant,
                         save_every, r4, device, tokenizer_src, overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
-    from spinquant.pipeline import learn_rotations
-    from spinquant.rotation import LearnConfig
 
-    cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, momentum=momentum, w_bits=w_bits,
+    cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=r4, max_angle=max_angle, scales=scales, scale_lr=scale_lr,
+                      save_every=save_every, r4=_r4_on(r4, model_src), max_angle=max_angle, scales=scales, scale_lr=scale_lr,
                       scale_init=scale_init)
-    from spinquant.data import resolve_calibration
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
@@ -348,68 +328,49 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
 
 
 def _target_help() -> str:
-    from spinquant.targets import TARGETS
-
     return "Hardware target: " + ", ".join(TARGETS) + "."
+
+
+def _set_values(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs as calibrate options (values read as YAML: 0.05, true, layer, null)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SpinQuantError(f"--set {pair}: expected KEY=VALUE with KEY a recipe key, e.g. --set batch_size=4")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpinQuantError(f"--set {pair}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return out
 
 
 @cli.command()
 @click.option("--model", required=True, help="Local model directory, Meta checkpoint directory or hub id.")
 @click.option("--out", default=None, help="Run directory [default: runs/<model name>]; a re-run with the same options resumes it.")
-@click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: bundled name or YAML.")
-@click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME.")
-@click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: text]; rows with 'messages' are chat.")
-@click.option("--target", default="xnnpack-8da4w-g32", show_default=True, help=_target_help())
-@click.option("--rotations", type=click.Choice(["learned", "hadamard"]), default="learned", show_default=True,
-              help="learned: R1/R2 learned by Cayley SGD from a random Hadamard start; hadamard: that seeded random Hadamard "
-                   "itself, no learning (minutes on a CPU; the route for machines without a GPU).")
-@click.option("--recipe", type=click.Choice(["meta"]), default=None,
-              help="A named learning recipe, its options pinned (others given with it must agree). meta: Meta's published "
-                   "Llama 3.2 SpinQuant settings, W16A8KV16, cross-entropy, lr 1.5, 100 steps x 8 x 2048 tokens, GPTQ on "
-                   "128 x 2048, R4 (the defaults today; see README 'Choosing the recipe').")
-@click.option("--steps", default=100, show_default=True, help="Rotation-learning steps (0: no learning, as --rotations hadamard).")
-@click.option("--nsamples", type=int, default=None, help="Rotation-learning windows [default: steps x batch size = 800].")
-@click.option("--seqlen", default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per learning step.")
-@click.option("--micro-batch", default=1, show_default=True, help="Windows per forward pass (gradient accumulation up to --batch-size; raise it on a large GPU).")
-@click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " 0: no cap [default: 0.05; 0 with --recipe meta].")
-@click.option("--learn-w-bits", default=16, show_default=True, help="Weight bits while learning (16 = Meta's recipe).")
-@click.option("--learn-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
-              help="Learning objective: ce = cross-entropy on the text (Meta's), kl = KL divergence to the float model.")
-@click.option("--learn-weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
-              help="With --learn-w-bits 4: int4 weights in the loop by round-to-nearest or by GPTQ of the current rotation.")
-@click.option("--gptq-nsamples", default=128, show_default=True, help="Calibration windows for GPTQ (and range setting).")
-@click.option("--gptq-target", type=click.Choice(["layer", "float"]), default=None,
-              help="GPTQ fits each linear's own output (layer) or the float model's (float: later layers absorb earlier errors; "
-                   "SmolLM2 8da4w KL 0.71x, 2.2x GPTQ time; see README Results) [default: float; layer with --recipe meta].")
-@click.option("--gptq-clip", type=click.Choice(["plain", "weighted"]), default=None,
-              help=GPTQ_CLIP_HELP + " [default: plain]")
-@click.option("--gptq-target-damp", type=float, default=None,
-              help=GPTQ_TARGET_DAMP_HELP + f" [default: {FLOAT_TARGET_PERCDAMP}]")
-@click.option("--gptq-refit-scales/--no-gptq-refit-scales", default=None,
-              help=GPTQ_REFIT_HELP + " [default: on; off with --recipe meta]")
-@click.option("--tune-scales-steps", type=click.IntRange(min=0), default=None,
-              help=TUNE_STEPS_HELP + f" [default: {DEFAULT_TUNE_STEPS}; 0 with --recipe meta]")
-@click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=None, help=TUNE_LR_HELP + f" [default: {DEFAULT_TUNE_LR}]")
-@click.option("--tune-norms", is_flag=True, help=TUNE_NORMS_HELP + " Off by default: calibrate's targets have 8-bit activations.")
-@click.option("--r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="The online Hadamard R4 before down_proj. auto: on, unless a .pte is made and ExecuTorch cannot run it "
-                   "(intermediate size not a power of two, e.g. SmolLM2's 1536): then off, with a note.")
+@click.option("--target", default=None, help=_target_help() + f" [default: {DEFAULT_TARGET}]")
+@click.option("--recipe", default=None, metavar="NAME|FILE",
+              help="default, meta (Meta's published setting, pinned) or a YAML file of options; docs/recipe.md lists the keys.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Set one recipe key, e.g. --set batch_size=4 --set device=cuda:1 (repeatable).")
+@click.option("--calib-data", default=None, help="Calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME [default: WikiText-2 train].")
+@click.option("--eval-data", default=None, help="Evaluation text for the report [default: WikiText-2 test].")
+@click.option("--rotations", type=click.Choice(["learned", "hadamard"]), default=None,
+              help="learned (Cayley SGD from a random Hadamard start) or hadamard (that start, no learning: minutes on a CPU) [default: learned].")
+@click.option("--steps", type=int, default=None, help="Rotation-learning steps [default: 100; 0 = --rotations hadamard].")
+@click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [default: 2048].")
+@click.option("--gptq-nsamples", type=int, default=None, help="GPTQ calibration windows [default: 128].")
 @click.option("--pte/--no-pte", default=None, help="Build and verify model.pte with executorch [default: when the target has one].")
-@click.option("--eval-data", default="wikitext2", show_default=True, help="Evaluation text for the report (wikitext2 = hub test split, or a local file).")
-@click.option("--eval-windows", default=20, show_default=True, help="Evaluation windows (of --seqlen tokens) for the report.")
-@click.option("--compare-hadamard", is_flag=True, help="Also quantize with the random Hadamard start, for the report.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard start and of the calibration windows.")
-@click.option("--tokenizer", default=None, help="Tokenizer directory, if the model has none.")
+@click.option("--seed", type=int, default=None, help="Seed of the random Hadamard start and the calibration windows [default: 0].")
 @overwrite_option
 @friendly_errors
-def calibrate(**kwargs) -> None:
+def calibrate(model, recipe, overrides, overwrite, **given) -> None:
     """The whole pipeline: learn R1/R2 -> GPTQ + range setting -> ExecuTorch checkpoint -> .pte -> verification -> report."""
-    from spinquant.workflow import CalibrateOptions, calibrate as run_calibrate
-
-    opts = CalibrateOptions(**kwargs)
+    given = {k: v for k, v in given.items() if v is not None}
+    extra = _set_values(overrides)
+    if "model" in extra:
+        raise SpinQuantError("--set model=...: pass --model")
+    opts = CalibrateOptions.build(model, recipe, **{**extra, **given, "overwrite": overwrite})
     report = run_calibrate(opts)
     _print_run_summary(opts.resolved_out(), report)
 
@@ -436,7 +397,6 @@ def _print_run_summary(out: Path, report: dict[str, Any]) -> None:
 @friendly_errors
 def requantize(run_dir, target, out, pte, device, overwrite) -> None:
     """Quantize for another target re-using the learned rotations (no learning), exported and verified."""
-    from spinquant.workflow import requantize as run_requantize
 
     report = run_requantize(run_dir, target, out, pte=pte, device=device, overwrite=overwrite)
     _print_run_summary(Path(out) if out else Path(run_dir).parent / f"{Path(run_dir).name}-{target}", report)
@@ -476,7 +436,6 @@ def batch(jobs_file: str | None, ray_address: str | None, cpus_per_job: int) -> 
     Writes JOBS.summary.md and JOBS.summary.json beside the file;
     exit 1 if a job failed.
     """
-    from spinquant.batch import run_batch, write_summary
 
     if jobs_file is None and ray_address and ray_address.endswith((".yaml", ".yml")):
         jobs_file, ray_address = ray_address, "local"  # `batch --ray JOBS.yaml`: the file is not an address

@@ -139,8 +139,8 @@ def is_supported_size(n: int) -> bool:
 
 def executorch_computes(n: int) -> bool:
     """True if ExecuTorch's online ``fast_hadamard_transform`` (the R4 of ``--use_spin_quant native``) computes the
-    orthonormal n x n Hadamard: powers of two only (measured with executorch 1.5.1: 1536 = 12 x 128 aborts; 3584 =
-    28 x 128 runs but returns sqrt(28) x the orthonormal result)."""
+    orthonormal n x n Hadamard: powers of two only (with executorch 1.5.1, 12 x 128 aborts and 28 x 128 runs
+    unnormalised: ../shared/notes/executorch-format.md)."""
     return n > 0 and n & (n - 1) == 0
 
 
@@ -231,3 +231,19 @@ class OnlineHadamard(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}"
+
+
+class HadamardInputLinear(torch.nn.Linear):
+    """nn.Linear whose input is first rotated online: ``y = (x @ H_n) @ W.T``. Same state-dict keys as nn.Linear."""
+
+    @classmethod
+    def wrap(cls, linear: torch.nn.Linear) -> "HadamardInputLinear":
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.input_rotation = OnlineHadamard(linear.in_features)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_rotation(x))

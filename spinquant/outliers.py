@@ -1,9 +1,7 @@
 """Massive activations: the few residual-stream channels of a pretrained model that reach |h| ~ 10³-10⁴.
 
-Real pretrained Llamas (SmolLM2-135M: channel 507, 283x the median channel's max) carry them on a few tokens; models
-trained briefly (the shared 25M model) have none. The rotation learner can keep the rows of R1 that map them fixed
-(``LearnConfig.frozen_channels``): a Hadamard row spreads such a channel evenly over all channels, which per-token
-activation quantization represents best, and most of the learning gradient points at turning exactly those rows.
+Real pretrained Llamas carry them on a few tokens; models trained briefly have none. SmoothQuant's scales
+(spinquant.smoothing) read the activations' channel maxima through :func:`forward_windows`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from spinquant.atomic import write_text_atomic
 from spinquant.errors import SpinQuantError
 
 OWNER_FILE = "spinquant_output.json"
@@ -48,7 +49,6 @@ def read_owner(out: Path) -> dict[str, Any]:
 
 def record_owner(out: Path, command: str, identity: dict[str, Any]) -> None:
     """Add (or replace) ``command``'s identity in ``out``'s record."""
-    from spinquant.atomic import write_text_atomic
 
     owner = read_owner(out)
     owner[command] = identity

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-from spinquant.atomic import atomic_dir
+from spinquant.atomic import atomic_dir, publish_mode, remove_stale_partials
+from spinquant.data import calibration_windows
 from spinquant.errors import SpinQuantError
-from spinquant.evaluate import (EvalResult, cached_logits_fn, check_seqlen, evaluate, evaluation_ids, evaluation_windows,
-                                hf_logits_fn)
-from spinquant.fusion import SCALES_FILE, Rotations, fuse_and_rotate, has_online_r4, save_rbin
+from spinquant.evaluate import (EvalResult, cached_logits_fn, check_seqlen, evaluate, evaluation_ids,
+                                evaluation_windows, hf_logits_fn)
+from spinquant.formats import describe_source, load_config, load_model, try_load_tokenizer
+from spinquant.formats.executorch import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARAMS, PREQ_MODES, check_exportable,
+                                          executorch_params, executorch_state_dict)
+from spinquant.formats.hf import save_hf
+from spinquant.formats.rbin import SCALES_FILE, load_rbin, save_rbin
+from spinquant.formats.run_dir import is_run_dir, load_run, read_quant_config, save_run
+from spinquant.fusion import Rotations, fuse_and_rotate, has_online_r4
 from spinquant.memory import release_memory
-from spinquant.models import describe_source, load_model, load_tokenizer, save_hf
+from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
+from spinquant.preflight import check_data_path, check_executorch_rope, check_model, check_rotation_sizes
+from spinquant.pte import PteModel, run_export_llama
+from spinquant.quant.apply import quantize_model
+from spinquant.quant.scale_tuning import tune_scales
+from spinquant.quant.scheme import QuantScheme
+from spinquant.rotation import REMOVED_OPTIONS, RotationLearner, initial_scales, later_option_defaults, prepare_model, write_outputs
 
 
-def try_load_tokenizer(model_src: str, tokenizer_src: str | None = None) -> Any | None:
-    """The tokenizer named, else the model's own (None when a Meta/HF directory has none)."""
-    if tokenizer_src:
-        return load_tokenizer(tokenizer_src)
-    try:
-        return load_tokenizer(model_src, model_src)
-    except SpinQuantError:
-        return None
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,8 +53,6 @@ def probe_ids(vocab_size: int, length: int = 64, seed: int = 1234) -> torch.Tens
 @torch.no_grad()
 def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write the fused, random-Hadamard-rotated float model (HF directory) and R.bin; verify by reloading."""
-    from spinquant.outputs import claim_output, record_owner, resolve_input
-    from spinquant.preflight import check_model, check_rotation_sizes
 
     if describe_source(model_src) == "run":
         raise SpinQuantError(f"{model_src} is a quantized run: rotate the float model it came from")
@@ -49,7 +62,7 @@ def rotate_model(model_src: str, out_dir: str, seed: int = 0, r4: bool = True, o
     claim_output(out_dir, "rotate", identity, {"--model": model_src}, overwrite)
     model = load_model(model_src)
     if has_online_r4(model) and r4:
-        raise SpinQuantError(f"{model_src} already carries an online R4 rotation: pass --no-r4 or the unrotated model")
+        raise SpinQuantError(f"{model_src} already carries an online R4 rotation: pass --r4 off or the unrotated model")
     ids = probe_ids(model.config.vocab_size)
     before = model(ids).logits
     rot = Rotations.random_hadamard(model, seed, r4=r4)
@@ -73,8 +86,6 @@ def evaluate_model(model_src: str, data: str = "wikitext2", seqlen: int = 2048, 
     ``model_src``: anything :func:`load_model` reads, or a ``.pte`` (run through executorch's runtime;
     its tokenizer is looked for beside it).
     """
-    from spinquant.models import load_config
-    from spinquant.preflight import check_data_path
 
     is_pte = str(model_src).endswith(".pte")
     if not is_pte:
@@ -89,7 +100,6 @@ def evaluate_model(model_src: str, data: str = "wikitext2", seqlen: int = 2048, 
     if tokenizer is None:
         raise SpinQuantError(f"{model_src} has no tokenizer: pass --tokenizer DIR")
     if is_pte:
-        from spinquant.pte import PteModel
 
         pte = PteModel(model_src)
         model_fn, vocab, max_pos = pte, pte.vocab_size, None
@@ -127,7 +137,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_rotations(spec: str, model, seed: int, r4: bool = True) -> Rotations | None:
     """'none' -> None; 'hadamard' -> seeded random Hadamard R1/R2 (+ R4 if ``r4``); a path -> its R.bin (+ R4 if ``r4``)."""
-    from spinquant.fusion import load_rbin
 
     if spec == "none":
         return None
@@ -152,21 +161,16 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
     ``r4``, the GPTQ float target (and its damping), the weighted clip search, the scale refit and the scale tuning
     (``tuning``: quant/scale_tuning.py's config) are named only when they differ from the old behaviour, so runs made
     before those options existed keep their identity."""
-    from dataclasses import asdict
-
-    from spinquant.outputs import resolve_input
-
     named = {"model": resolve_input(model_src),
              "rotations": rotations if rotations in ("none", "hadamard") else resolve_input(rotations),
              "scheme": scheme.to_dict(), "method": wq.method, "clip_search": wq.clip_search, "percdamp": wq.percdamp,
-             "act_order": wq.act_order, "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
+             "act_order": False,  # a removed option, always off now; kept so that runs made with it off still resume
+             "calibration": asdict(calib) if calib is not None and wq.method == "gptq" else None,
              "seed": seed, "tokenizer": resolve_input(tokenizer_src)}
     if wq.gptq_target == "float":
         named["gptq_target"] = "float"
         if wq.target_percdamp != wq.percdamp:  # the float target was damped like GPTQ's Hessian until 2026-11-29
             named["target_percdamp"] = wq.target_percdamp
-    if wq.gptq_clip == "weighted":
-        named["gptq_clip"] = "weighted"
     if wq.scale_refit and wq.method == "gptq":
         named["scale_refit"] = True
     if tuning is not None and tuning.steps:
@@ -179,8 +183,6 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
 def tuning_calibration(calib, tuning):
     """The calibration set of the scale tuning: ``tuning.steps`` windows of ``calib``'s text and length, sampled with
     the next seed, so that it tunes on other text than GPTQ fitted (quant/scale_tuning.py)."""
-    from dataclasses import replace
-
     return replace(calib, nsamples=tuning.steps, seed=calib.seed + 1)
 
 
@@ -199,14 +201,6 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     Every input is checked before ``out_dir`` is claimed (spinquant.outputs: a check, it writes nothing); the
     run is written to a temp directory and renamed into place once it reloads to the same logits.
     """
-    import time
-
-    from spinquant.data import calibration_windows
-    from spinquant.evaluate import check_seqlen
-    from spinquant.outputs import claim_output, record_owner
-    from spinquant.preflight import check_model, check_rotation_sizes
-    from spinquant.run_dir import load_run, save_run
-
     times: dict[str, float] = {}
     kind = describe_source(model_src)
     if kind == "run":
@@ -246,13 +240,11 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         fuse_and_rotate(model, rot)
     times["rotate"] = time.perf_counter() - t
     model.to(dev)
-    from spinquant.quant.apply import quantize_model
 
     t = time.perf_counter()
     quantize_model(model, scheme, wq, windows, progress=progress)
     times["quantize"] = time.perf_counter() - t
     if tuning is not None:
-        from spinquant.quant.scale_tuning import tune_scales
 
         t = time.perf_counter()
         teacher = load_model(model_src).to(dev)  # the float model: the rotation does not change its function
@@ -267,10 +259,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "method": wq.method,
         "clip_search": wq.clip_search,
         "percdamp": wq.percdamp,
-        "act_order": wq.act_order,
         "gptq_target": wq.gptq_target,
         "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
-        "gptq_clip": wq.gptq_clip,
         "scale_refit": wq.scale_refit and wq.method == "gptq",
         "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr, "norms": tuning.norms,
                                                      "calibration": {**tune_calib.__dict__}, **tuning.stats},
@@ -283,8 +273,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         **(extra_config or {}),
     }
     if rot is not None and rot.scales is not None and wq.gptq_target == "float":
-        config["warning"] = ("--gptq-target float with learned channel scales: measured much worse than plain GPTQ on "
-                             "SmolLM2 at W4A4KV4 (KL 0.854 vs 0.609); compare with --gptq-target layer")
+        config["warning"] = ("the float GPTQ objective with learned channel scales lost to plain GPTQ where it was measured "
+                             "(docs/recipe.md): compare with --gptq-objective layer")
     ids = probe_ids(model.config.vocab_size)
     with torch.no_grad():
         expected = model(ids).logits
@@ -305,12 +295,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
 def verification_windows(run_dir: Path, tokenizer: Any, data: str | None, n: int, seqlen: int) -> tuple[torch.Tensor, str]:
     """Windows to compare our model and the .pte on: ``data``, else the run's local calibration text, else
     WikiText-2 from the hub, else (offline, nothing local) seeded random tokens."""
-    import json as _json
-
-    from spinquant.evaluate import evaluation_ids, evaluation_windows
-
     candidates = [data] if data else []
-    calib = (_json.loads((run_dir / "quant_config.json").read_text()).get("calibration") or {}) if (run_dir / "quant_config.json").is_file() else {}
+    calib = (json.loads((run_dir / "quant_config.json").read_text()).get("calibration") or {}) if (run_dir / "quant_config.json").is_file() else {}
     if calib.get("source") and Path(calib["source"]).exists():
         candidates.append(calib["source"])
     candidates.append("wikitext2")
@@ -327,10 +313,6 @@ def verification_windows(run_dir: Path, tokenizer: Any, data: str | None, n: int
 
 def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
     """Max relative logit difference, top-1 agreement and both perplexities over ``windows``."""
-    import math
-
-    import torch.nn.functional as F
-
     max_rel, agree, count, nll_a, nll_b, kl = 0.0, 0, 0, 0.0, 0.0, 0.0
     for w in windows:
         a = ours(w[None])[0].float()
@@ -351,8 +333,6 @@ def compare_logits(ours, theirs, windows: torch.Tensor) -> dict[str, float]:
 def quantization_kl(run: Path, ours, windows: torch.Tensor) -> float | None:
     """KL(float || ours) nats/token on ``windows``: the float model the run was quantized from (its
     quant_config's source_model), or None when it cannot be loaded here (moved, or a hub id offline)."""
-    from spinquant.evaluate import hf_logits_fn
-    from spinquant.run_dir import read_quant_config
 
     source = read_quant_config(run).get("source_model")
     try:
@@ -372,7 +352,7 @@ EXPORT_FILES = ("consolidated.00.pth", "params.json", "model.pte", "verification
 def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verify_data: str | None = None,
                verify_windows: int = 4, verify_seqlen: int = 512, max_seq_len: int = 2048, full_logits: bool = False,
                max_kl_ratio: float = 0.2, max_kl: float = 1e-3, max_ppl_rel: float = 0.01, min_top1: float = 0.0,
-               overwrite: bool = False, claim: bool = True) -> dict[str, Any]:
+               overwrite: bool = False, claim: bool = True, runtime: str = "xnnpack") -> dict[str, Any]:
     """Write the ExecuTorch checkpoint of a run (and a verified .pte). Checks everything before any work.
 
     ``out_dir`` defaults to the run directory itself: the export adds its files (EXPORT_FILES) beside the run and
@@ -380,28 +360,11 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     only when all of them are finished (and the .pte verified), so a failure leaves the earlier export whole.
     ``claim=False``: the caller (calibrate) owns ``out`` and has checked it.
 
-    The accept rule (measured: benchmarks/results/verification_margins.md): the .pte must be much closer to our
-    model than our model is to the float model, KL(ours || pte) <= ``max_kl_ratio`` x KL(float || ours) on the
-    same windows, and its perplexity within ``max_ppl_rel``. XNNPACK's real int8 GEMMs put a right .pte at
-    0.5-4% of the quantization KL; every wrong checkpoint measured (R4 not folded, another group size, another
-    rotation seed) at 100% or more; top-1 agreement flips on near-tied logits and is only reported
+    The accept rule (its margins: benchmarks/RESULTS.md): the .pte must be much closer to our model than our model is
+    to the float model, KL(ours || pte) <= ``max_kl_ratio`` x KL(float || ours) on the same windows, and its
+    perplexity within ``max_ppl_rel``; top-1 agreement flips on near-tied logits and is only reported
     (``min_top1`` 0 by default). When the float model cannot be loaded, ``max_kl`` (absolute, nats/token) applies.
     """
-    import json as _json
-    import shutil
-    import tempfile
-
-    from spinquant.atomic import publish_mode
-    from spinquant.evaluate import hf_logits_fn
-    from spinquant.export import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARAMS, PREQ_MODES, check_exportable, executorch_params,
-                                  executorch_state_dict)
-    from spinquant.fusion import has_online_r4
-    from spinquant.outputs import claim_output, record_owner, resolve_input
-    from spinquant.preflight import check_data_path, check_executorch_rope
-    from spinquant.pte import PteModel, run_export_llama
-    from spinquant.quant.scheme import QuantScheme
-    from spinquant.run_dir import is_run_dir, load_run, read_quant_config
-
     run = Path(run_dir)
     if not run.is_dir():
         raise SpinQuantError(f"no such run directory: {run}")
@@ -426,7 +389,7 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     stage = Path(tempfile.mkdtemp(prefix=".export.partial-", dir=out))
     try:
         torch.save(executorch_state_dict(model, scheme), stage / CHECKPOINT)
-        (stage / PARAMS).write_text(_json.dumps(executorch_params(model, scheme), indent=2))
+        (stage / PARAMS).write_text(json.dumps(executorch_params(model, scheme), indent=2))
         result: dict[str, Any] = {"preq_mode": mode, "group_size": scheme.group, "spin_quant": has_online_r4(model),
                                   "checkpoint": str(out / CHECKPOINT), "params": str(out / PARAMS)}
         bad = [p for p in FORBIDDEN_PATH_PARTS if p in str((out / CHECKPOINT).resolve())]
@@ -435,16 +398,15 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
                                  f"on it; move or link the checkpoint to a path without 'int8'/'8da4w' before running export_llama "
                                  f"yourself (spinquant's own .pte export does this)")
         if not make_pte:
-            result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's XNNPACK path takes 8da4w modes)"
+            result["pte_skipped"] = None if not pte else f"no .pte for {mode} on this machine (ExecuTorch's {runtime} path takes 8da4w modes)"
         else:
             cfg, spin = model.config, has_online_r4(model)
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id] if cfg.eos_token_id is not None else []
             seqlen = min(verify_seqlen, max_seq_len - 1)
             windows, source = verification_windows(run, try_load_tokenizer(str(run)), verify_data, verify_windows, seqlen)
             # one model in memory at a time (1B/3B sizes): our logits are computed and cached, our model freed, then the
-            # float model gives the KL scale and is freed, then executorch's exporter (a child process) and the .pte run.
-            # (measured at 1B: 11.3 GiB peak with the float model loaded after the .pte comparison, whose runtime keeps
-            # ~2.4 GiB after its program is released; 10.7 GiB with it loaded here)
+            # float model gives the KL scale and is freed, then executorch's exporter (a child process) and the .pte run
+            # (the .pte runtime keeps memory after its program is released, so the float model comes before it)
             ours = cached_logits_fn(hf_logits_fn(model))
             for w in windows:
                 ours(w[None])
@@ -453,7 +415,8 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             release_memory()
             kl_quant = quantization_kl(run, ours, windows)
             result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, spin,
-                                                cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log")
+                                                cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log",
+                                                runtime=runtime)
             pte_model = PteModel(stage / "model.pte")
             metrics = compare_logits(ours, pte_model, windows)
             del pte_model
@@ -469,13 +432,13 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             result["pte_bytes"] = (stage / "model.pte").stat().st_size
             if not ok:
                 failed = out / "verification.failed.json"
-                failed.write_text(_json.dumps(result, indent=2))
+                failed.write_text(json.dumps(result, indent=2))
                 raise SpinQuantError(
                     f"the .pte does not match our fake-quant model: KL(ours||pte) {metrics['kl_ours_to_pte']:.2e} nats/token "
                     f"(need <= {kl_bound:.2e}), perplexity {metrics['ppl_pte']:.3f} vs {metrics['ppl_ours']:.3f} "
                     f"({100 * ppl_rel:.2f}%, need <= {100 * max_ppl_rel:.2f}%), top-1 agreement {metrics['top1_agreement']:.4f}; "
                     f"nothing was written; details in {failed}")
-            (stage / "verification.json").write_text(_json.dumps(result, indent=2))
+            (stage / "verification.json").write_text(json.dumps(result, indent=2))
         publish_mode(stage)
         # every file is finished: replace the earlier export's files (and only those) by the new ones
         for name in EXPORT_FILES:
@@ -491,10 +454,6 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
 
 def init_distributed(device: torch.device) -> torch.device:
     """Under torchrun (WORLD_SIZE > 1): join the process group; each rank takes its own GPU."""
-    import os
-
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -508,15 +467,11 @@ def init_distributed(device: torch.device) -> torch.device:
 def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dict[str, Any]:
     """What decides learned rotations (spinquant.outputs): the model, every learning option but the save interval,
     the calibration set and the tokenizer."""
-    from dataclasses import asdict
-
-    from spinquant.outputs import resolve_input
-    from spinquant.rotation import later_option_defaults
-
     # options added later are named only when set (r4 when off), so outputs made before them keep resuming
     unset = later_option_defaults()
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
               if k != "save_every" and not (k in unset and v == unset[k])}
+    config["momentum"] = REMOVED_OPTIONS["momentum"]  # removed, always 0 now: named as outputs made before record it
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
 
 
@@ -530,15 +485,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     Every input is checked and the model loaded before anything is written to ``out_dir``
     (spinquant.outputs); ``claim=False``: the caller (calibrate) owns ``out_dir``.
     """
-    import torch.distributed as dist
-
-    from spinquant.data import calibration_windows
-    from spinquant.evaluate import check_seqlen
-    from spinquant.atomic import remove_stale_partials
-    from spinquant.outputs import claim_output, clear_directory, record_owner
-    from spinquant.preflight import check_model, check_rotation_sizes
-    from spinquant.rotation import RotationLearner, initial_scales, prepare_model, write_outputs
-
     cfg.check()
     kind = describe_source(model_src)
     if kind == "run":
@@ -559,7 +505,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         raise SpinQuantError(f"{model_src} is already rotated: learn rotations on the original float model")
     teacher = None
     if cfg.loss == "kl":
-        import copy
 
         teacher = copy.deepcopy(model)
     start_scales = initial_scales(model, cfg, windows)
@@ -577,9 +522,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,
                                "rank": learner.rank}
     if learner.rank == 0 and summary["finished"]:
-        import tempfile
-
-        from spinquant.atomic import publish_mode
 
         tmp = Path(tempfile.mkdtemp(prefix=".learn.partial-", dir=out))
         try:
@@ -589,7 +531,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
                 if (tmp / name).exists():
                     (tmp / name).replace(out / name)
         finally:
-            import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():

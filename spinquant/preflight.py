@@ -7,62 +7,26 @@ only by ``check_finite_weights`` (one tensor at a time). Every model load checks
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from spinquant.architectures import head_dim
+from spinquant.data import local_data_files
 from spinquant.errors import SpinQuantError
+from spinquant.formats import describe_source, load_config, try_load_tokenizer
+from spinquant.formats.hf import check_finite, check_weight_shapes, weight_shapes
+from spinquant.hadamard import executorch_computes, hadamard_matrix, is_supported_size
 
 
-def weight_shapes(model_src: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a local HF directory's safetensors shards, read from their headers.
-
-    A truncated or corrupt shard raises SpinQuantError naming it. Directories without safetensors
-    (``pytorch_model.bin``) give {} (transformers reads those with ``weights_only=True``).
-    """
-    from safetensors import safe_open
-
-    folder = Path(model_src).expanduser()
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise SpinQuantError(f"cannot read {index} ({exc}): the model directory is damaged; re-save or re-download it") from exc
-        files = [folder / n for n in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        if not f.is_file():
-            raise SpinQuantError(f"the model's shard {f} is missing: re-save or re-download the model")
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    shapes[key] = tuple(st.get_slice(key).get_shape())
-        except Exception as exc:  # SafetensorError for truncated or corrupt headers
-            raise SpinQuantError(f"the model's shard {f.name} is truncated or corrupt ({str(exc).splitlines()[0]}): "
-                                 f"re-save or re-download the model") from exc
-    return shapes
 
 
-def check_weight_shapes(shapes: dict[str, tuple[int, ...]], config: Any, where: str) -> None:
-    """The embedding (and lm_head, when stored) must agree with the config's vocab_size and hidden_size."""
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        shape = shapes.get(key)
-        if shape is not None and shape != (config.vocab_size, config.hidden_size):
-            raise SpinQuantError(
-                f"{where}: {key} has shape {list(shape)} but config.json says vocab_size {config.vocab_size} and "
-                f"hidden_size {config.hidden_size}: fix config.json (vocab_size {shape[0]}?) or the weights")
 
 
 def check_finite_weights(model_src: str | os.PathLike) -> None:
     """Refuse NaN/Inf weights of a local HF directory before any work, reading one tensor at a time (memory: the
     largest tensor). Other sources are checked when they are loaded (models.check_finite)."""
     from safetensors import safe_open
-
-    from spinquant.models import check_finite, describe_source
 
     if describe_source(model_src) != "hf":
         return
@@ -116,8 +80,6 @@ def check_executorch_rope(config: Any, where: str) -> None:
 def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = False) -> None:
     """Hadamard matrices exist for R1 (hidden), R2 (head_dim) and R4 (intermediate); with ``executorch_r4`` the
     intermediate size must be a power of two (ExecuTorch's fast_hadamard_transform)."""
-    from spinquant.fusion import head_dim
-    from spinquant.hadamard import executorch_computes, hadamard_matrix, is_supported_size
 
     sizes = [(config.hidden_size, "R1 (hidden_size)"), (head_dim(config), "R2 (head_dim)")]
     if r4:
@@ -128,15 +90,13 @@ def check_rotation_sizes(config: Any, r4: bool = True, executorch_r4: bool = Fal
     inter = config.intermediate_size
     if r4 and executorch_r4 and not executorch_computes(inter):
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
-                             f"(fast_hadamard_transform, R4) cannot compute it; pass --r4 off (no online Hadamard; calibrate's "
+                             f"(fast_hadamard_transform, R4) cannot compute it; pass --r4 off (no online Hadamard; the default "
                              f"--r4 auto does this) or --no-pte")
 
 
 def check_model(model_src: str, tokenizer_src: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Any]:
     """(config, tokenizer) of a model source, checked: a Llama, weights present and consistent with the config,
     a tokenizer whose vocabulary fits the embedding. Raises SpinQuantError with the fix named."""
-    from spinquant.models import describe_source, load_config
-    from spinquant.pipeline import try_load_tokenizer
 
     kind = describe_source(model_src)
     config = load_config(model_src)
@@ -160,6 +120,5 @@ def check_data_path(data: str | None, flag: str) -> None:
     if not p.exists():
         raise SpinQuantError(f"{flag} {data}: no such file or folder (pass a local .txt/.raw/.jsonl/.parquet file, a folder "
                              f"of them, wikitext2 or hub:NAME)")
-    from spinquant.data import local_data_files
 
     local_data_files(p)  # type and encoding checks

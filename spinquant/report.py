@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from spinquant.atomic import atomic_file
+from spinquant.recipes import RECIPE_TEXT
 
 
 @torch.no_grad()
@@ -65,7 +66,6 @@ def _fmt(v: Any, spec: str) -> str:
 
 def _rotations_line(o: dict[str, Any]) -> str:
     """One sentence on how the rotations were made, from the run's options."""
-    from spinquant.recipes import RECIPE_TEXT
 
     r4 = "; R4 online before down_proj" if o.get("r4", "on") == "on" else "; no R4"
     tuned_what = "the scales and RMSNorm weights were" if o.get("tune_norms") else "the scales were"
@@ -77,9 +77,8 @@ def _rotations_line(o: dict[str, Any]) -> str:
     weights = f"W{o.get('learn_w_bits')}" + (f" ({o.get('learn_weight_quant')} in the loop)" if o.get("learn_w_bits", 16) < 16 else "")
     recipe = f" Recipe **{o['recipe']}** ({RECIPE_TEXT[o['recipe']]})." if o.get("recipe") in RECIPE_TEXT else ""
     cap = f" (steps capped at {o['max_angle']} rad)" if o.get("max_angle") is not None else ""
-    gptq = ("GPTQ" + (f" with the float model as target (fit damped {o.get('gptq_target_damp', 0.01)})"
-                      if o.get("gptq_target") == "float" else "")
-            + (", clip search weighted by 1 / [H^-1]_jj," if o.get("gptq_clip") == "weighted" else "")
+    gptq = ("GPTQ" + (f" with the float model as target (fit damped {o.get('gptq_objective_damp', 0.01)})"
+                      if o.get("gptq_objective") == "float" else "")
             + (", group scales refitted by least squares," if o.get("gptq_refit_scales") else ""))
     return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, {weights}A8KV16, "
             f"{o.get('learn_loss')} loss, lr {o.get('lr')}{cap}, {o.get('steps')} steps x {o.get('batch_size')} x "

@@ -34,6 +34,7 @@ continues from the last save with the same result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -45,23 +46,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM
 
+from spinquant.architectures import Architecture, architecture_of, head_dim
 from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
-from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, head_dim,
-                              orthogonality_error, per_head_scales, save_rbin)
+from spinquant.formats.rbin import save_rbin
+from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, orthogonality_error,
+                              per_head_scales)
 from spinquant.hadamard import hadamard_matrix
 from spinquant.kl_loss import chunk_ce, chunk_kl
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
 from spinquant.rotation_gptq import collect_hessians, gptq_integers
+from spinquant.smoothing import smooth_scales
 
 STATE_FILE = "learn_state.pt"
 LOSS_CHUNK_POSITIONS = 256  # positions whose full-vocabulary logits exist at once while the loss is computed
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # W R1
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # R1ᵀ W
 
 
 @dataclass
@@ -72,7 +74,6 @@ class LearnConfig:
     batch_size: int = 8
     micro_batch: int = 1
     lr: float = 1.5
-    momentum: float = 0.0
     w_bits: int = FLOAT
     group_size: int | None = 32
     a_bits: int = 8
@@ -86,13 +87,9 @@ class LearnConfig:
     gptq_windows: int = 64  # calibration windows whose inputs give the in-the-loop GPTQ Hessians
     r4: bool = True  # the online Hadamard before down_proj (off where the exported model cannot run it)
     max_angle: float | None = None  # radians: cap on how far one step may turn any vector (see bound_step_angles)
-    frozen_channels: tuple[int, ...] = ()  # residual channels whose R1 rows stay at the start (see freeze_rows)
     scales: bool = False  # also learn channel scales (fusion.ChannelScales) jointly with R1/R2
     scale_lr: float = 0.01  # Adam's lr on the log-scales (cosine schedule like the rotations')
     scale_init: float | None = None  # None: scales start at 1; alpha: SmoothQuant's scales of that alpha (smoothing.py)
-
-    def __post_init__(self) -> None:
-        self.frozen_channels = tuple(int(c) for c in self.frozen_channels)  # from JSON/YAML lists too
 
     def scheme(self) -> QuantScheme:
         """The fake-quant scheme the loss is computed under (output layer and embedding in float)."""
@@ -126,7 +123,10 @@ class LearnConfig:
 
 # LearnConfig options added after learning states and outputs were first saved: a saved state or output identity that
 # lacks one had its default, and an identity names one only when it differs from that default
-LATER_OPTIONS = ("r4", "max_angle", "frozen_channels", "scales", "scale_lr", "scale_init")
+LATER_OPTIONS = ("r4", "max_angle", "scales", "scale_lr", "scale_init")
+# options removed after they measured no gain (their results stay in benchmarks/): a saved state or identity that holds
+# one at this value computed what LearnConfig computes now, so it still resumes
+REMOVED_OPTIONS = {"momentum": 0.0, "frozen_channels": ()}
 
 
 def later_option_defaults() -> dict[str, Any]:
@@ -134,7 +134,15 @@ def later_option_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(LearnConfig) if f.name in LATER_OPTIONS}
 
 
-def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM:
+def without_removed_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a recorded LearnConfig) less the :data:`REMOVED_OPTIONS` it holds at the value they have today."""
+    def same(k: str, v: Any) -> bool:
+        return (tuple(v) if isinstance(v, (list, tuple)) else v) == REMOVED_OPTIONS[k]
+
+    return {k: v for k, v in saved.items() if not (k in REMOVED_OPTIONS and same(k, v))}
+
+
+def prepare_model(model: nn.Module, cfg: LearnConfig) -> nn.Module:
     """Fused norms, R4 folded (online Hadamard kept; unless ``cfg.r4`` is off), fake-quant modules of the learning scheme; weights frozen."""
     fuse_norms(model)
     apply_rotations(model, Rotations(r4=cfg.r4))
@@ -146,14 +154,12 @@ def prepare_model(model: LlamaForCausalLM, cfg: LearnConfig) -> LlamaForCausalLM
     return model
 
 
-def initial_scales(model: LlamaForCausalLM, cfg: LearnConfig, windows: torch.Tensor) -> ChannelScales | None:
+def initial_scales(model: nn.Module, cfg: LearnConfig, windows: torch.Tensor) -> ChannelScales | None:
     """The scales the learner starts from for ``cfg.scale_init`` (None: 1), measured on the original float ``model``
     rotated by the learner's Hadamard start, over the first 8 learning ``windows`` (deterministic: a resumed run
     recomputes the same start)."""
     if not cfg.scales or cfg.scale_init is None:
         return None
-    from spinquant.smoothing import smooth_scales
-
     return smooth_scales(model, hadamard_start(model.config, cfg.seed), windows[:8], alpha=cfg.scale_init)
 
 
@@ -162,45 +168,57 @@ def hadamard_start(config, seed: int) -> Rotations:
     return Rotations.random_hadamard_for(config, seed, r4=False)
 
 
-def rotated_weights(base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int, hd: int,
-                    scales: dict[str, torch.Tensor] | None = None, h4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The rotated weights of every linear (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd)).
+def rotated_weights(arch: Architecture, base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int,
+                    hd: int, scales: dict[str, torch.Tensor] | None = None,
+                    h4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The rotated weights of every linear the map names (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd)).
 
-    ``scales`` (optional, differentiable): positive channel scales of fusion.ChannelScales, each (n_layers, channels),
-    keyed by fusion.SCALE_KINDS; the norm halves of attn_in / mlp_in are the caller's (they scale activations). With
-    scales, ``base``'s down_proj must be the weight before R4 and ``h4`` (inter, inter) the R4 to fold after dividing
-    its columns (None: no R4)."""
-    out = {"lm_head.weight": base["lm_head.weight"] @ r1}
+    Per layer, in this order (the map says which linear gets what): input-side R1 ``W @ R1``; R2 on the output side
+    per kv head ``R2ᵀ W_h`` and on the input side per attention head ``W_h R2``; the channel scales (``scales``,
+    optional, differentiable, each (n_layers, channels), keyed by fusion.SCALE_KINDS: producers' rows multiplied,
+    consumers' columns divided; the norm producers are the caller's, they scale activations); R4 ``W @ h4`` (only
+    with scales: then ``base``'s R4 linears hold the weight before R4, and ``h4`` (inter, inter) is folded after
+    dividing its columns; None: no R4); output-side R1 ``R1ᵀ W``."""
+    head = f"{arch.head}.weight"
+    out = {head: base[head] @ r1}
+    linear_names = {lin.name for lin in arch.linears}
     for i in range(n_layers):
-        p = f"model.layers.{i}."
-        for name in READERS:
-            out[f"{p}{name}.weight"] = base[f"{p}{name}.weight"] @ r1
-        wv = out[f"{p}self_attn.v_proj.weight"]
-        out[f"{p}self_attn.v_proj.weight"] = (r2[i].T @ wv.view(-1, hd, wv.shape[1])).reshape(wv.shape)
-        wo = base[f"{p}self_attn.o_proj.weight"]
-        wo = wo.view(wo.shape[0], -1, hd) @ r2[i]  # (dim, n_heads, hd)
-        down = base[f"{p}mlp.down_proj.weight"]
+        p = f"{arch.layers}.{i}."
+        w: dict[str, torch.Tensor] = {}
+
+        def get(name: str) -> torch.Tensor:
+            return w[name] if name in w else base[f"{p}{name}.weight"]
+
+        for name in arch.rotated("R1", "input"):
+            w[name] = base[f"{p}{name}.weight"] @ r1
+        for name in arch.rotated("R2", "output"):
+            x = get(name)
+            w[name] = (r2[i].T @ x.view(-1, hd, x.shape[1])).reshape(x.shape)
+        for name in arch.rotated("R2", "input"):
+            x = get(name)
+            w[name] = (x.view(x.shape[0], -1, hd) @ r2[i]).reshape(x.shape)
         if scales is not None:
-            for name, kind in (("self_attn.q_proj", "attn_in"), ("self_attn.k_proj", "attn_in"), ("self_attn.v_proj", "attn_in"),
-                               ("mlp.gate_proj", "mlp_in"), ("mlp.up_proj", "mlp_in")):
-                out[f"{p}{name}.weight"] = out[f"{p}{name}.weight"] / scales[kind][i][None, :]
-            s_v = scales["v_out"][i]
-            out[f"{p}self_attn.v_proj.weight"] = out[f"{p}self_attn.v_proj.weight"] * s_v[:, None]
-            wo = wo / per_head_scales(s_v, hd, wo.shape[1])[None]
-            out[f"{p}mlp.up_proj.weight"] = out[f"{p}mlp.up_proj.weight"] * scales["up_out"][i][:, None]
-            down = down / scales["up_out"][i][None, :]
+            for pair in arch.scales:
+                s = scales[pair.kind][i]
+                if pair.producer in linear_names:
+                    w[pair.producer] = get(pair.producer) * s[:, None]
+                divisor = per_head_scales(s, hd, get(pair.consumers[0]).shape[1] // hd).reshape(-1) if pair.per_head else s
+                for name in pair.consumers:
+                    w[name] = get(name) / divisor[None, :]
             if h4 is not None:
-                down = down @ h4
-        out[f"{p}self_attn.o_proj.weight"] = r1.T @ wo.reshape(wo.shape[0], -1)
-        out[f"{p}mlp.down_proj.weight"] = r1.T @ down
+                for name in arch.rotated("R4", "input"):
+                    w[name] = get(name) @ h4
+        for name in arch.rotated("R1", "output"):
+            w[name] = r1.T @ get(name)
+        out.update({f"{p}{name}.weight": get(name) for name in arch.block_linears()})
     return out
 
 
 class RotationLearner:
     """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring."""
 
-    def __init__(self, model: LlamaForCausalLM, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
-                 state_dir: Path | None = None, progress: bool = True, teacher: LlamaForCausalLM | None = None,
+    def __init__(self, model: nn.Module, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
+                 state_dir: Path | None = None, progress: bool = True, teacher: nn.Module | None = None,
                  initial_scales: ChannelScales | None = None) -> None:
         """``teacher``: the original float model, needed for ``cfg.loss == "kl"`` (its logits are the target).
         ``initial_scales``: where the channel scales start (``cfg.scale_init`` says how they were made:
@@ -216,14 +234,12 @@ class RotationLearner:
         self.windows = windows
         config = model.config
         self.n_layers, self.hd = config.num_hidden_layers, head_dim(config)
-        bad = [c for c in cfg.frozen_channels if not 0 <= c < config.hidden_size]
-        if bad:
-            raise SpinQuantError(f"frozen channels {bad} are not residual channels of this model (hidden size "
-                                 f"{config.hidden_size})")
-        names = ["lm_head.weight"] + [f"model.layers.{i}.{n}.weight" for i in range(self.n_layers) for n in READERS + WRITERS]
+        self.arch = arch = architecture_of(config)
+        names = [f"{arch.head}.weight"] + [f"{arch.layers}.{i}.{n}.weight" for i in range(self.n_layers)
+                                           for n in arch.block_linears()]
         params = dict(model.named_parameters())
         self.base = {n: params[n].detach().float() for n in names}
-        self.embedding = params["model.embed_tokens.weight"].detach()
+        self.embedding = params[f"{arch.embedding}.weight"].detach()
         modules = dict(model.named_modules())
         self.linears = {n: modules[n[: -len(".weight")]] for n in names}
         start = hadamard_start(config, cfg.seed)
@@ -231,7 +247,7 @@ class RotationLearner:
         manifold = geoopt.CanonicalStiefel()
         self.r1 = geoopt.ManifoldParameter(r1.to(device), manifold=manifold)
         self.r2 = geoopt.ManifoldParameter(r2.to(device), manifold=manifold)
-        self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, momentum=cfg.momentum, stabilize=None)
+        self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, stabilize=None)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
         self.log_scales: dict[str, torch.Tensor] = {}
         self.h4 = None
@@ -254,7 +270,7 @@ class RotationLearner:
         if cfg.weight_quant == "gptq":
             self.hessians = collect_hessians(model, windows[: cfg.gptq_windows])
 
-    def _prepare_scales(self, model: LlamaForCausalLM, initial: ChannelScales | None) -> None:
+    def _prepare_scales(self, model: nn.Module, initial: ChannelScales | None) -> None:
         """Channel scales (fusion.ChannelScales) as log-scales from 0 (scale 1), their Adam optimiser, and the hooks
         that scale the RMSNorm outputs by the current attn_in / mlp_in (the norms' weights are 1 after fusion).
 
@@ -270,15 +286,19 @@ class RotationLearner:
             v.requires_grad_(True)
         self.scale_opt = torch.optim.Adam(list(self.log_scales.values()), lr=self.cfg.scale_lr)
         self.scale_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_opt, T_max=self.cfg.steps, eta_min=0.0)
+        arch = self.arch
         if self.cfg.r4:
             self.h4 = hadamard_matrix(config.intermediate_size, "R4 (intermediate size)").float().to(self.device)
             for i in range(self.n_layers):
-                key = f"model.layers.{i}.mlp.down_proj.weight"
-                self.base[key] = self.base[key] @ self.h4.T
+                for name in arch.rotated("R4", "input"):
+                    key = f"{arch.layers}.{i}.{name}.weight"
+                    self.base[key] = self.base[key] @ self.h4.T
         self.scaled_norms = {}
-        for i, layer in enumerate(model.model.layers):
-            for kind, norm in (("attn_in", layer.input_layernorm), ("mlp_in", layer.post_attention_layernorm)):
-                self.scaled_norms[(kind, i)] = norm
+        norm_pairs = [p for p in arch.scales if p.producer in arch.norm_readers()]
+        for i, layer in enumerate(arch.decoder_layers(model)):
+            for pair in norm_pairs:
+                norm = layer.get_submodule(pair.producer)
+                self.scaled_norms[(pair.kind, i)] = norm
                 norm.register_forward_hook(self._scale_norm_output)
 
     def _scale_norm_output(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -314,7 +334,7 @@ class RotationLearner:
                                  f"plain values (spinquant never runs code from a state file); delete it to start over") from exc
         if not isinstance(st, dict) or not {"config", "windows_digest", "r1", "r2", "opt", "sched", "step"} <= set(st):
             raise SpinQuantError(f"{self.state_dir / STATE_FILE} is not a spinquant learning state: delete it to start over")
-        saved = {**later_option_defaults(), **st["config"]}  # states saved before these options existed
+        saved = without_removed_options({**later_option_defaults(), **st["config"]})  # states saved before these options
         if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")
@@ -350,11 +370,11 @@ class RotationLearner:
         emb = F.embedding(ids, self.embedding) @ r1_emb
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            hidden = self.model.model(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
+            hidden = self.model.get_submodule(self.arch.backbone)(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
             teacher_hidden = None
             if self.cfg.loss == "kl":
                 with torch.no_grad():
-                    teacher_hidden = self.teacher.model(ids, use_cache=False).last_hidden_state[:, :-1]
+                    teacher_hidden = self.teacher.get_submodule(self.arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
         targets = ids[:, 1:]
         total = hidden.new_zeros((), dtype=torch.float32)
         for a in range(0, hidden.shape[1], LOSS_CHUNK_POSITIONS):
@@ -367,11 +387,11 @@ class RotationLearner:
 
     def _chunk_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one chunk of positions: h (micro, t, dim), targets (micro, t)."""
-        return chunk_ce(self.model.lm_head, h, targets, amp=self.device.type == "cuda")
+        return chunk_ce(self.model.get_submodule(self.arch.head), h, targets, amp=self.device.type == "cuda")
 
     def _chunk_kl(self, h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
         """Summed KL(teacher || model) of one chunk of positions (hidden states (micro, t, dim) of both)."""
-        return chunk_kl(self.model.lm_head, self.teacher.lm_head, h, teacher_h, amp=self.device.type == "cuda")
+        return chunk_kl(self.model.get_submodule(self.arch.head), self.teacher.get_submodule(self.arch.head), h, teacher_h, amp=self.device.type == "cuda")
 
     def accumulate_gradients(self, batch: torch.Tensor) -> float:
         """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
@@ -381,7 +401,7 @@ class RotationLearner:
         if self.log_scales:
             self.scale_opt.zero_grad(set_to_none=True)
             scales = {k: v.exp() for k, v in self.log_scales.items()}
-        rotated = rotated_weights(self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4)
+        rotated = rotated_weights(self.arch, self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4)
         if scales is not None:  # the norm halves of attn_in / mlp_in: leaves the norm hooks multiply by
             rotated.update({("norm", kind, i): scales[kind][i] for kind, i in self.scaled_norms})
         leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
@@ -392,7 +412,7 @@ class RotationLearner:
             else:
                 self.linears[k].weight_override = leaf
         if self.hessians is not None:
-            chosen = gptq_integers(leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads, cfg.w_bits,
+            chosen = gptq_integers(self.arch, leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads, cfg.w_bits,
                                    cfg.group_size, clip_search=True)
             for k, integers in chosen.items():
                 self.linears[k].weight_integers = integers
@@ -427,8 +447,6 @@ class RotationLearner:
         """One Riemannian SGD step on the next batch; returns its loss."""
         t = time.perf_counter()
         total = self.accumulate_gradients(self._batch(self.step))
-        if self.cfg.frozen_channels:
-            freeze_rows(self.r1, list(self.cfg.frozen_channels))
         lr = self.opt.param_groups[0]["lr"]
         cap = None if self.cfg.max_angle is None else self.cfg.max_angle * lr / self.cfg.lr  # the cap follows the schedule
         self.angles.append([bound_step_angles(p, lr, cap) for p in (self.r1, self.r2)])
@@ -469,22 +487,6 @@ class RotationLearner:
         return Rotations(r1=r1, r2=r2, r4=self.cfg.r4, scales=scales)
 
 
-@torch.no_grad()
-def freeze_rows(p: torch.Tensor, rows: list[int]) -> None:
-    """Project ``p.grad`` (R1's Euclidean gradient, R1 (n, n) orthogonal) so that the coming Cayley step leaves the
-    rows ``rows`` of R1 unchanged: residual channel c enters every reader as h @ R1, so its image stays row c of R1.
-
-    geoopt's step turns R1 on the left by Cayley(A), A = -2·lr·S with S = G R1ᵀ - R1 Gᵀ. Zeroing S's rows and columns
-    ``rows`` gives Cayley(A) e_c = e_c, and G' = S R1 / 2 is a gradient whose S is exactly that projection."""
-    if p.grad is None or not rows:
-        return
-    x = p.detach()
-    s = p.grad @ x.T - x @ p.grad.T
-    s[rows, :] = 0
-    s[:, rows] = 0
-    p.grad = s @ x / 2
-
-
 def step_angles(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
     """The largest angle (radians) by which a plain Cayley SGD step turns any vector, per matrix.
 
@@ -502,12 +504,10 @@ def bound_step_angles(p: torch.Tensor, lr: float, cap: float | None) -> float:
     """Scale ``p.grad`` (in place) so that no matrix of ``p`` (one R1, or each layer's R2) turns by more than ``cap``
     radians in the coming step; returns the largest angle the unscaled step would have taken.
 
-    Why: on a real model with massive activations (|x| ~ 10⁴) the gradient at Meta's lr asks R1 to turn by ~2 rad per
-    step (SmolLM2-135M at W16A4KV4: 1.7-2.1 rad, 78% of it in the massive channel's row; the 25M reference model:
-    0.27), and the quantized loss is rough at that scale: one plain step at lr 1.5 takes the KL 0.58 -> 3.4
-    (benchmarks/results/step_angle_smollm2.md). Capping the angle keeps the step's direction and bounds
-    its size in the one unit that means the same for every model and loss. Hand-written: geoopt's optimisers have no
-    step-size control beyond lr."""
+    Why: on a model with massive activations the gradient at Meta's lr asks R1 to turn by radians in one step, where
+    the quantized loss is rough (docs/recipe.md). Capping the angle keeps the step's direction and bounds its size in
+    the one unit that means the same for every model and loss. Hand-written: geoopt's optimisers have no step-size
+    control beyond lr."""
     if p.grad is None:
         return 0.0
     angles = step_angles(p.detach(), p.grad, lr)
@@ -519,7 +519,6 @@ def bound_step_angles(p: torch.Tensor, lr: float, cap: float | None) -> float:
 
 
 def _digest(windows: torch.Tensor) -> str:
-    import hashlib
 
     return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
 

@@ -23,7 +23,8 @@ import copy
 import torch
 from transformers import LlamaForCausalLM
 
-from spinquant.fusion import SCALE_KINDS, ChannelScales, Rotations, apply_rotations, fuse_and_rotate, head_dim
+from spinquant.fusion import SCALE_KINDS, ChannelScales, Rotations, apply_rotations, fuse_and_rotate
+from spinquant.architectures import head_dim
 from spinquant.outliers import forward_windows
 
 

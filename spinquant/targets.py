@@ -1,4 +1,5 @@
-"""Hardware targets: named presets of quantization scheme + export format, in one table.
+"""Hardware targets: one registered :class:`Target` each (scheme, what is written, the runtime a .pte runs on here and
+what that runtime computes). Adding a target is adding one entry to :data:`TARGETS` (and its line in docs/targets.md).
 
 | name | block linears | output layer | embedding | written |
 |---|---|---|---|---|
@@ -14,29 +15,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spinquant.errors import SpinQuantError
+from spinquant.hadamard import executorch_computes, is_supported_size
 from spinquant.quant.scheme import FLOAT, QuantScheme
+
+EXPORTERS = ("executorch", "float-rotated")  # what a target writes (spinquant.workflow runs the matching stage)
 
 
 @dataclass(frozen=True)
 class Target:
+    """``scheme``: None for no quantization (the float checkpoint + R.bin, for backends that quantize by themselves);
+    ``exporter``: one of :data:`EXPORTERS`; ``runtime``: the ExecuTorch backend a .pte is built for and verified on
+    on this machine's CPU (None: no .pte here)."""
+
     name: str
-    scheme: QuantScheme | None  # None: no quantization (float checkpoint + R.bin)
-    pte: bool  # can a .pte be built and run on this machine's CPU (XNNPACK)
+    scheme: QuantScheme | None
+    exporter: str
+    runtime: str | None
     description: str
+
+    @property
+    def quantizes(self) -> bool:
+        return self.scheme is not None
+
+    @property
+    def pte(self) -> bool:
+        return self.runtime is not None and self.quantizes
+
+    def computes_online_hadamard(self, n: int) -> bool:
+        """Whether the deployed model can compute R4's online Hadamard of order ``n``: ExecuTorch's
+        fast_hadamard_transform takes powers of two (and 28 x 2^k, seen unnormalised) only."""
+        return executorch_computes(n) if self.exporter == "executorch" else is_supported_size(n)
 
 
 def _xnnpack(group: int) -> Target:
-    return Target(f"xnnpack-8da4w-g{group}", QuantScheme(group_size=group), True,
+    return Target(f"xnnpack-8da4w-g{group}", QuantScheme(group_size=group), "executorch", "xnnpack",
                   f"W4 (group {group}) + A8 per token; output W8A8 per channel; embedding W8 (Meta's scheme at group {group})")
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     _xnnpack(32), _xnnpack(64), _xnnpack(128), _xnnpack(256),
-    Target("xnnpack-8da4w", QuantScheme(output_w_bits=FLOAT, output_a_bits=FLOAT), True,
+    Target("xnnpack-8da4w", QuantScheme(output_w_bits=FLOAT, output_a_bits=FLOAT), "executorch", "xnnpack",
            "W4 g32 + A8 per token; output layer in float; embedding W8 (ExecuTorch preq_mode 8da4w)"),
-    Target("vulkan-int4-weight-only", QuantScheme(a_bits=FLOAT, output_a_bits=FLOAT), False,
+    Target("vulkan-int4-weight-only", QuantScheme(a_bits=FLOAT, output_a_bits=FLOAT), "executorch", None,
            "W4 g32 weight-only (float activations); output W8; embedding W8; same checkpoint layout"),
-    Target("qnn-float-rotated", None, False,
+    Target("qnn-float-rotated", None, "float-rotated", None,
            "float checkpoint of the original model + learned R.bin, for backends that quantize by themselves"),
 ]}
 DEFAULT_TARGET = "xnnpack-8da4w-g32"

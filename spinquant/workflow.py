@@ -11,6 +11,7 @@ same options skips finished stages; a stage's outputs are renamed into place onl
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -21,22 +22,43 @@ from typing import Any
 
 import torch
 
+from spinquant.atomic import atomic_dir, atomic_file, remove_stale_partials
+from spinquant.data import calibration_windows, resolve_calibration
 from spinquant.errors import SpinQuantError
-from spinquant.targets import DEFAULT_TARGET, get_target
+from spinquant.evaluate import (cached_logits_fn, check_seqlen, evaluate, evaluation_ids, evaluation_windows,
+                                hf_logits_fn)
+from spinquant.formats import describe_source, load_config, load_model, try_load_tokenizer
+from spinquant.formats.meta import save_meta
+from spinquant.formats.rbin import load_rbin, save_rbin, scales_path
+from spinquant.formats.run_dir import versions
+from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.memory import release_memory
+from spinquant.outputs import OWNER_FILE, claim_output, clear_directory, record_owner, resolve_input
+from spinquant.pipeline import export_run, learn_rotations, max_rel_diff, probe_ids, quantize_to_run
+from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model,
+                                 check_rotation_sizes, executorch_rope_problem)
+from spinquant.quant.apply import WeightQuantConfig, quantize_model
+from spinquant.quant.scale_tuning import ScaleTuningConfig
+from spinquant.quant.scheme import check_damping
+from spinquant.recipes import META_KEYS, RECIPES, RENAMED, check_recipe, read_recipe, unset_values
+from spinquant.report import plot_residual_stats, residual_stats, write_report
+from spinquant.rotation import LearnConfig
+from spinquant.targets import DEFAULT_TARGET, Target, get_target
 
 STAGES = ("learn", "quantize", "export", "report")
 CONFIG_FILE = "calibrate_config.json"
 STAGES_FILE = "stages.json"
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+RECORD_NAMES = {new: old for old, new in RENAMED.items()}  # today's option name -> the name run identities record
 # options that do not change what a stage computes: they may differ on a resume
 RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard", "overwrite"}
 
 
 @dataclass
 class CalibrateOptions:
-    """Every option of ``spinquant calibrate``. The defaults are Meta's Llama 3.2 SpinQuant recipe except for the options
-    left None here, which calibrate resolves (spinquant.recipes.unset_values): Cayley steps capped at 0.05 rad, GPTQ
-    fitting the float model with its scales refitted, then the scales tuned end to end, unless ``--recipe meta`` (plain
-    steps, plain GPTQ, no refit, no tuning)."""
+    """Every option of a calibrate run: the recipe keys (docs/recipe.md). The defaults are Meta's Llama 3.2 SpinQuant
+    recipe except for the options left None here, which :func:`resolve_recipe` fills from the run's recipe, else the
+    default recipe (spinquant/recipe_files/default.yaml). Build one with :meth:`build` to apply a recipe file."""
 
     model: str
     out: str | None = None
@@ -55,9 +77,8 @@ class CalibrateOptions:
     learn_loss: str = "ce"
     learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
-    gptq_target: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
-    gptq_clip: str | None = None  # plain | weighted: GPTQ's clip search weighs columns by 1 / [H^-1]_jj; None: default
-    gptq_target_damp: float | None = None  # the float target's ridge damping (WeightQuantConfig.target_percdamp); None: default
+    gptq_objective: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
+    gptq_objective_damp: float | None = None  # the float objective's ridge damping (WeightQuantConfig.target_percdamp); None: default
     gptq_refit_scales: bool | None = None  # least-squares refit of GPTQ's group scales (WeightQuantConfig.scale_refit); None: default
     tune_scales_steps: int | None = None  # end-to-end scale tuning after GPTQ (quant/scale_tuning.py); 0: off; None: default
     tune_scales_lr: float | None = None  # its Adam learning rate on the log-scales; None: default
@@ -72,7 +93,7 @@ class CalibrateOptions:
     tokenizer: str | None = None
     text_field: str | None = None  # field of jsonl/parquet rows holding the text [default: the set's, else "text"]
     overwrite: bool = False
-    recipe: str | None = None  # a named learning recipe (spinquant.recipes): its options are pinned and checked
+    recipe: str | None = None  # a shipped recipe's name or a recipe file (spinquant.recipes); None: the default recipe
 
     @staticmethod
     def names() -> list[str]:
@@ -80,6 +101,34 @@ class CalibrateOptions:
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / Path(str(self.model).rstrip("/")).name
+
+    @staticmethod
+    def check_value(where: str, key: str, value: Any) -> None:
+        """A value from YAML or ``--set`` must name an option and have its type (``steps: two`` is refused, named)."""
+        if key not in CalibrateOptions.names():
+            raise SpinQuantError(f"{where}: unknown option '{key}' (options: {', '.join(CalibrateOptions.names())})")
+        allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
+        ok = ((value is None and "None" in allowed) or (isinstance(value, bool) and "bool" in allowed)
+              or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
+              or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed))
+        if not ok:
+            want = " or ".join(TYPE_WORDS[t] for t in sorted(allowed) if t != "None")
+            raise SpinQuantError(f"{where}: {key} must be {want} (got {value!r})")
+
+    @staticmethod
+    def build(model: str, recipe: str | None = None, **given: Any) -> "CalibrateOptions":
+        """The options of a run: a recipe file's values (a shipped recipe's are resolved by :func:`calibrate`), with
+        ``given`` over them. Names recorded before a rename are read as today's (spinquant.recipes.RENAMED)."""
+        given = {RENAMED.get(k, k): v for k, v in given.items()}
+        values: dict[str, Any] = {}
+        if recipe is not None and recipe not in RECIPES and recipe != "default":
+            values = {RENAMED.get(k, k): v for k, v in read_recipe(recipe).items() if k not in META_KEYS}
+            if "model" in values:
+                raise SpinQuantError(f"recipe {recipe}: model is not a recipe key (pass the model on its own)")
+            recipe = str(Path(recipe).expanduser().resolve())
+        for key, value in {**values, **given}.items():
+            CalibrateOptions.check_value(f"recipe {recipe}" if key in values and key not in given else "option", key, value)
+        return CalibrateOptions(model=model, recipe=recipe, **{**values, **given})
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -90,7 +139,6 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from spinquant.atomic import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
@@ -135,7 +183,6 @@ class Run:
     def move_in(self, src: Path) -> None:
         """Rename every file of a finished stage's temp directory into the run directory (not the stage's own
         output record: the run directory's record is calibrate's)."""
-        from spinquant.outputs import OWNER_FILE
 
         for f in src.iterdir():
             if f.is_file() and f.name != OWNER_FILE:
@@ -149,34 +196,30 @@ def _log(msg: str) -> None:
 
 
 def _calibration(opts: CalibrateOptions, nsamples: int):
-    from spinquant.data import resolve_calibration
 
     return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples, opts.text_field)
 
 
 def gptq_config(opts: CalibrateOptions):
     """The WeightQuantConfig of calibrate's GPTQ (range setting on; target and clip weighting as resolved in ``opts``)."""
-    from spinquant.quant.apply import WeightQuantConfig
 
-    return WeightQuantConfig(method="gptq", clip_search=True, float_target=opts.gptq_target == "float",
-                             weighted_clip=opts.gptq_clip == "weighted", target_percdamp=opts.gptq_target_damp,
+    return WeightQuantConfig(method="gptq", clip_search=True, float_target=opts.gptq_objective == "float",
+                             target_percdamp=opts.gptq_objective_damp,
                              scale_refit=bool(opts.gptq_refit_scales))
 
 
 def scale_tuning_config(opts: CalibrateOptions):
     """The ScaleTuningConfig of calibrate's scale tuning after GPTQ (steps 0: none)."""
-    from spinquant.quant.scale_tuning import ScaleTuningConfig
 
     return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr, norms=bool(opts.tune_norms))
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
-    from spinquant.pipeline import quantize_to_run
 
     target = get_target(opts.target)
     tmp = Path(tempfile.mkdtemp(prefix=".stage-quantize-", dir=run.dir))
     try:
-        if target.scheme is None:
+        if target.exporter == "float-rotated":
             write_float_rotated(model_src, rbin, tmp / "out")
         else:
             quantize_to_run(model_src, str(tmp / "out"), target.scheme, gptq_config(opts),
@@ -191,10 +234,6 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
 def write_float_rotated(model_src: str, rbin: Path, out: Path) -> None:
     """Target qnn-float-rotated: the original model as a float Meta checkpoint plus R.bin, checked by reloading
     both and applying the rotations ourselves (the float function must be unchanged)."""
-    from spinquant.atomic import atomic_dir
-    from spinquant.fusion import fuse_and_rotate, load_rbin, scales_path
-    from spinquant.models import load_model, save_meta
-    from spinquant.pipeline import max_rel_diff, probe_ids, try_load_tokenizer
 
     if scales_path(rbin).is_file():
         raise SpinQuantError(f"{rbin} comes with learned channel scales ({scales_path(rbin).name}), which a backend that "
@@ -219,14 +258,6 @@ def write_float_rotated(model_src: str, rbin: Path, out: Path) -> None:
 
 
 def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str, Any]:
-    import copy
-
-    from spinquant.evaluate import evaluate, evaluation_ids, evaluation_windows, hf_logits_fn, cached_logits_fn
-    from spinquant.fusion import fuse_and_rotate, load_rbin
-    from spinquant.memory import release_memory
-    from spinquant.models import load_model
-    from spinquant.pipeline import try_load_tokenizer
-    from spinquant.report import plot_residual_stats, residual_stats, write_report
 
     target = get_target(opts.target)
     report: dict[str, Any] = {"model": opts.model, "target": target.name, "target_description": target.description,
@@ -247,10 +278,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
         ref = cached_logits_fn(hf_logits_fn(float_model))
         ev = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
               "float": evaluate(ref, windows, progress=False).to_dict()}
-        if target.scheme is not None and opts.compare_hadamard:
-            from spinquant.data import calibration_windows
-            from spinquant.fusion import Rotations
-            from spinquant.quant.apply import quantize_model
+        if target.quantizes and opts.compare_hadamard:
 
             m = copy.deepcopy(float_model)
             fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
@@ -267,7 +295,7 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     del float_model
     release_memory()
     if ev is not None:
-        if target.scheme is not None:
+        if target.quantizes:
             ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()
         report["evaluation"] = ev
     report["residual_stats"] = {"original": before, "rotated": after}
@@ -287,22 +315,19 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
-def resolve_r4(choice: str, model_src: str, pte: bool) -> str:
-    """--r4 auto|on|off -> "on" or "off". auto is on unless a .pte is made and ExecuTorch cannot compute the online
-    Hadamard at the model's intermediate size (its fast_hadamard_transform takes powers of two only): then off, said
-    in one line, since a .pte that cannot be built is worse than down_proj inputs left unrotated. "on" with such a
+def resolve_r4(choice: str, model_src: str, target: Target, pte: bool) -> str:
+    """--r4 auto|on|off -> "on" or "off". auto is on unless the target's runtime cannot compute the online Hadamard at
+    the model's intermediate size (ExecuTorch's fast_hadamard_transform takes powers of two only): then off, said in
+    one line, since a model that cannot be deployed is worse than down_proj inputs left unrotated. "on" with such a
     size fails in the preflight with the fix named."""
-    from spinquant.hadamard import executorch_computes
-    from spinquant.models import load_config
-
     if choice not in ("auto", "on", "off"):
         raise SpinQuantError(f"--r4 {choice}: choose auto, on or off")
     if choice != "auto":
         return choice
     inter = load_config(model_src).intermediate_size
-    if pte and not executorch_computes(inter):
-        _log(f"[spinquant] R4 off: intermediate size {inter} is not a power of two and ExecuTorch's online Hadamard "
-             f"(fast_hadamard_transform) cannot compute it; down_proj's inputs stay unrotated (--no-pte keeps R4 on)")
+    if pte and not target.computes_online_hadamard(inter):
+        _log(f"[spinquant] R4 off: {target.name}'s runtime cannot compute an online Hadamard of the intermediate size "
+             f"{inter} (ExecuTorch's fast_hadamard_transform takes powers of two); down_proj's inputs stay unrotated")
         return "off"
     return "on"
 
@@ -311,32 +336,51 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
     headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
     calibration and evaluation data (tokenized now; the windows are cached for the stages). Returns the model's config."""
-    from spinquant.data import calibration_windows
-    from spinquant.evaluate import check_seqlen
-    from spinquant.models import describe_source
-    from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model,
-                                     check_rotation_sizes, executorch_rope_problem)
 
     if describe_source(opts.model) == "run":
         raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
     config, tokenizer = check_model(opts.model, opts.tokenizer)
-    if target.scheme is not None:
+    if target.quantizes:
         target.scheme.check_model(config)
     check_rotation_sizes(config, r4=opts.r4 == "on", executorch_r4=pte)
     if pte:
         check_executorch_rope(config, opts.model)
-    elif target.scheme is not None and executorch_rope_problem(config):
+    elif target.quantizes and executorch_rope_problem(config):
         _log(f"warning: {opts.model} uses {executorch_rope_problem(config)}: the ExecuTorch checkpoint's params.json "
              f"cannot describe it (the quantized run is correct; no .pte is made)")
     check_seqlen(opts.seqlen, getattr(config, "max_position_embeddings", None))
     if learn:
         learn_cfg.check()
         calibration_windows(_calibration(opts, nsamples), tokenizer)
-    if target.scheme is not None:
+    if target.quantizes:
         calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
     check_data_path(opts.eval_data, "--eval-data")
     check_finite_weights(opts.model)
     return config
+
+
+def resolve_recipe(opts: CalibrateOptions) -> CalibrateOptions:
+    """Fill the options ``opts`` leaves unset (None) from its recipe (else the default recipe), refuse what contradicts a
+    pinned recipe, and check the values no click choice has checked (recipe files, batch YAML, the Python API). In
+    place; returns ``opts``. Nothing is read but the recipe files."""
+    if opts.recipe == "default":
+        opts.recipe = None  # the default recipe is what an unnamed run runs (and how runs made before recipes record it)
+    check_recipe(opts.recipe, asdict(opts))
+    for name, value in unset_values(opts.recipe, asdict(opts)).items():
+        setattr(opts, name, value)
+    opts.max_angle = opts.max_angle or None  # 0: no cap, recorded as None (Meta's plain step)
+    if opts.rotations not in ("learned", "hadamard"):
+        raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
+                             f"(the seeded random Hadamard, no learning)")
+    if opts.gptq_objective not in ("float", "layer"):
+        raise SpinQuantError(f"gptq_objective {opts.gptq_objective}: choose float or layer")
+    check_damping("gptq_objective_damp", opts.gptq_objective_damp)  # before any learning; GPTQ's config checks it again
+    scale_tuning_config(opts)  # its checks (the norms need tuning steps) before anything is created
+    if opts.steps < 0:
+        raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
+    if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
+        opts.rotations, opts.steps = "hadamard", 0
+    return opts
 
 
 def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path | None = None) -> dict[str, Any]:
@@ -346,37 +390,15 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     Everything is checked before the run directory is claimed (spinquant.outputs); a run that fails before
     it has anything to resume from removes the directory it created.
     """
-    from spinquant.atomic import remove_stale_partials
-    from spinquant.outputs import claim_output, clear_directory, record_owner, resolve_input
-    from spinquant.quant.scheme import check_damping
-    from spinquant.recipes import check_recipe, unset_values
-    from spinquant.rotation import LearnConfig
-    from spinquant.run_dir import versions
 
     target = get_target(opts.target)
-    check_recipe(opts.recipe, asdict(opts))
-    for name, value in unset_values(opts.recipe, asdict(opts)).items():
-        setattr(opts, name, value)
-    opts.max_angle = opts.max_angle or None  # 0: no cap, recorded as None (Meta's plain step)
-    if opts.rotations not in ("learned", "hadamard"):
-        raise SpinQuantError(f"--rotations {opts.rotations}: choose learned (Cayley SGD from random Hadamard) or hadamard "
-                             f"(the seeded random Hadamard, no learning)")
-    for name, allowed in (("gptq_target", ("float", "layer")), ("gptq_clip", ("plain", "weighted"))):
-        if getattr(opts, name) not in allowed:  # the CLI's choices; batch YAML and the Python API arrive unchecked
-            flag = "--" + name.replace("_", "-")
-            raise SpinQuantError(f"{flag} {getattr(opts, name)}: choose {' or '.join(allowed)}")
-    check_damping("--gptq-target-damp", opts.gptq_target_damp)  # before any learning; GPTQ's config checks it again
-    scale_tuning_config(opts)  # its checks (the norms need tuning steps) before anything is created; quantize builds it again
-    if opts.steps < 0:
-        raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
-    if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
-        opts.rotations, opts.steps = "hadamard", 0
+    resolve_recipe(opts)
     learn = learn and opts.rotations == "learned"
     if opts.pte and not target.pte:
         raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
                              f"or an xnnpack target")
-    pte = target.pte and target.scheme is not None and opts.pte is not False
-    opts.r4 = resolve_r4(opts.r4, opts.model, pte)
+    pte = target.pte and opts.pte is not False
+    opts.r4 = resolve_r4(opts.r4, opts.model, target, pte)
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
@@ -390,12 +412,11 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         del identity["r4"]  # named only when off: runs made before the option existed keep their identity
     if identity["recipe"] is None:
         del identity["recipe"]  # likewise named only when given
-    if identity["gptq_target"] == "layer":
-        del identity["gptq_target"]  # likewise named only when not plain GPTQ
-    if identity["gptq_clip"] == "plain":
-        del identity["gptq_clip"]  # likewise
-    if opts.gptq_target != "float" or opts.gptq_target_damp == 0.01:
-        del identity["gptq_target_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
+    if identity["gptq_objective"] == "layer":
+        del identity["gptq_objective"]  # likewise named only when not plain GPTQ
+    if opts.gptq_objective != "float" or opts.gptq_objective_damp == 0.01:
+        del identity["gptq_objective_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
+    identity = {RECORD_NAMES.get(k, k): v for k, v in identity.items()}  # the names runs were first recorded under
     if not identity["gptq_refit_scales"]:
         del identity["gptq_refit_scales"]  # named only when on: runs made before the option existed keep their identity
     if not identity["tune_scales_steps"]:
@@ -433,9 +454,6 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
 
 def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int,
                 rotations_from: Path | None, config) -> None:
-    from spinquant.atomic import atomic_file
-    from spinquant.fusion import Rotations, save_rbin
-    from spinquant.pipeline import export_run, learn_rotations
 
     if pte and run.done("export") and not (run.dir / "model.pte").is_file():
         _log("[spinquant] a .pte is asked for and this run has none: the export and report stages run again")
@@ -443,7 +461,6 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
             run.unmark(stage)
     if rotations_from is not None:  # requantize: the rotations another run learned
         if not run.done("learn"):
-            from spinquant.fusion import scales_path
 
             if scales_path(rotations_from).is_file():  # learned channel scales go with their rotations
                 shutil.copy(scales_path(rotations_from), scales_path(run.dir / "R.bin"))
@@ -476,9 +493,9 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
         _log(f"[spinquant] stage {stage} ...")
         if stage == "quantize":
             _stage_quantize(run, opts, opts.model, run.dir / "R.bin")
-        elif stage == "export" and target.scheme is not None:
+        elif stage == "export" and target.exporter == "executorch":
             export_run(str(run.dir), pte=pte, verify_data=None if opts.eval_data == "wikitext2" else opts.eval_data,
-                       claim=False)
+                       claim=False, runtime=target.runtime or "xnnpack")
         elif stage == "report":
             _stage_report(run, opts, opts.model)
         run.mark(stage, time.perf_counter() - t)
@@ -491,6 +508,7 @@ def requantize(from_run: str, target: str, out: str | None = None, **overrides: 
     if not cfg or not (src / "R.bin").is_file():
         raise SpinQuantError(f"{src} is not a finished calibrate run (needs {CONFIG_FILE} and R.bin): run spinquant calibrate first")
     get_target(target)
+    cfg = {RENAMED.get(k, k): v for k, v in cfg.items()}  # runs recorded before options were renamed
     opts = CalibrateOptions(**{k: cfg[k] for k in CalibrateOptions.names() if k in cfg})
     opts.model = cfg.get("model_identity", opts.model)
     opts.target = target

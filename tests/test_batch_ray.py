@@ -20,7 +20,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from spinquant.batch import Progress, is_finished, load_jobs, run_in_processes
+from spinquant.batch import load_jobs, run_in_processes
+from spinquant.batch_jobs import Progress, is_finished
 from spinquant.cli import cli
 from spinquant.errors import SpinQuantError
 from tests.helpers import wait_for

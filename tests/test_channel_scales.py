@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from spinquant.errors import SpinQuantError
-from spinquant.fusion import SCALES_FILE, ChannelScales, Rotations, fuse_and_rotate, head_dim, load_rbin, save_rbin
-from spinquant.models import untie_embeddings
+from spinquant.formats.rbin import SCALES_FILE, load_rbin, save_rbin
+from spinquant.fusion import ChannelScales, Rotations, fuse_and_rotate
+from spinquant.architectures import head_dim
+from spinquant.formats.hf import untie_embeddings
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
 from tests.helpers import rel_diff
@@ -152,7 +154,7 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
     from click.testing import CliRunner
 
     from spinquant.cli import cli
-    from spinquant.models import load_model
+    from spinquant.formats import load_model
     from tests.test_export import independent_reference_forward
 
     learned = tmp_path / "rot"
@@ -165,15 +167,15 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
     assert rot.scales is not None and float(rot.scales.attn_in[0].log().abs().max()) > 0.1
     run = tmp_path / "run"
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(run), "--rotations", str(learned),
-                                 "--calib-data", str(corpus_file), "--nsamples", "8", "--seqlen", "64"])
+                                 "--calib-data", str(corpus_file), "--gptq-nsamples", "8", "--seqlen", "64"])
     assert r.exit_code == 0, r.output
     kept = load_rbin(run / "R.bin")
     assert kept.scales is not None and torch.allclose(kept.scales.up_out[1], rot.scales.up_out[1])
     assert "warning" not in r.output
     # the float target with scales: allowed, but said (measured much worse than plain GPTQ at W4A4KV4 on SmolLM2)
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_f"), "--rotations",
-                                 str(learned), "--calib-data", str(corpus_file), "--nsamples", "8", "--seqlen", "64",
-                                 "--gptq-target", "float"])
+                                 str(learned), "--calib-data", str(corpus_file), "--gptq-nsamples", "8", "--seqlen", "64",
+                                 "--gptq-objective", "float"])
     assert r.exit_code == 0 and "warning: --gptq-target float with learned channel scales" in r.output, r.output
     r = CliRunner().invoke(cli, ["export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4",
                                  "--max-seq-len", "128"])
@@ -193,7 +195,7 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
 def test_scales_refused_where_a_backend_would_drop_them(tiny_model_dir, tmp_path):
     """qnn-float-rotated hands R.bin to a backend that rotates the original float model: scales beside the R.bin
     would be silently lost, so the run is refused with the reason."""
-    from spinquant.models import load_model
+    from spinquant.formats import load_model
     from spinquant.workflow import write_float_rotated
 
     model = load_model(tiny_model_dir)

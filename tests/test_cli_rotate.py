@@ -6,8 +6,9 @@ from transformers import LlamaForCausalLM
 
 from spinquant import pipeline
 from spinquant.cli import cli
-from spinquant.fusion import HadamardInputLinear, orthogonality_error
-from spinquant.models import load_model
+from spinquant.hadamard import HadamardInputLinear
+from spinquant.fusion import orthogonality_error
+from spinquant.formats import load_model
 from tests.helpers import rel_diff
 
 
@@ -19,7 +20,7 @@ def _rotate(src, out, *extra):
 
 def test_no_r4_output_is_plain_hf_llama(tiny_model_dir, tmp_path):
     out = tmp_path / "rot"
-    _rotate(tiny_model_dir, out, "--no-r4", "--seed", "5")
+    _rotate(tiny_model_dir, out, "--r4", "off", "--seed", "5")
     original = load_model(tiny_model_dir)
     vanilla = LlamaForCausalLM.from_pretrained(out).eval()  # plain transformers, no spinquant code involved
     ids = torch.randint(0, original.config.vocab_size, (1, 50))

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from spinquant.cli import cli
-from spinquant.models import load_model
+from spinquant.formats import load_model
 from tests.helpers import make_tiny_model, rel_diff
 
 
@@ -79,7 +79,7 @@ def exported_run(tmp_path_factory, tiny_model_dir, corpus_file):
     """A tiny model through quantize -> export -> executorch's export_llama -> .pte -> verification (about a minute)."""
     run = tmp_path_factory.mktemp("exp") / "run"
     r = _invoke("quantize", "--model", str(tiny_model_dir), "--out", str(run), "--calib-data", str(corpus_file),
-                "--nsamples", "8", "--seqlen", "64")
+                "--gptq-nsamples", "8", "--seqlen", "64")
     assert r.exit_code == 0, r.output
     r = _invoke("export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4", "--max-seq-len", "128")
     assert r.exit_code == 0, r.output
@@ -126,7 +126,8 @@ def test_wrong_checkpoint_is_rejected_that_top1_would_accept(exported_run, tmp_p
     KL(ours||pte) is of the size of the quantization KL itself. The verification must refuse it and write nothing."""
     import shutil
 
-    from spinquant import export
+    from spinquant import pipeline
+    from spinquant.formats import executorch as export
     from spinquant.quant.primitives import dequantize_weight, quantize_weight, weight_scales
 
     real = export.executorch_state_dict
@@ -143,7 +144,7 @@ def test_wrong_checkpoint_is_rejected_that_top1_would_accept(exported_run, tmp_p
     run = tmp_path / "run"
     shutil.copytree(exported_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    monkeypatch.setattr(export, "executorch_state_dict", group_64)
+    monkeypatch.setattr(pipeline, "executorch_state_dict", group_64)
     r = _invoke("export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4", "--max-seq-len", "128")
     assert r.exit_code == 2 and "does not match our fake-quant model" in r.output, r.output
     failed = json.loads((run / "verification.failed.json").read_text())["verification"]
@@ -192,10 +193,10 @@ def test_export_rejects_intermediate_without_online_hadamard(tmp_path, tiny_toke
     run = tmp_path / "run"
     assert _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(run), "--method", "rtn").exit_code == 0
     _assert_clean_error(_invoke("export", "--from", str(run), "--no-pte"), "intermediate size 96 is not a power of two", run)
-    assert "--no-r4" in _invoke("export", "--from", str(run), "--no-pte").output  # the fix is named
+    assert "--r4 off" in _invoke("export", "--from", str(run), "--no-pte").output  # the fix is named
     # the fix: R1/R2 without the online R4, which ExecuTorch runs with no custom op
     plain = tmp_path / "no-r4"
-    r = _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(plain), "--method", "rtn", "--no-r4")
+    r = _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(plain), "--method", "rtn", "--r4", "off")
     assert r.exit_code == 0 and "without R4" in r.output, r.output
     assert _invoke("export", "--from", str(plain), "--no-pte").exit_code == 0
     assert json.loads((plain / "config.json").read_text()).get("spinquant_online_r4") is None
@@ -207,7 +208,7 @@ def test_calibrate_turns_r4_off_where_executorch_cannot_run_it(tmp_path, tiny_to
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     common = ["calibrate", "--model", str(tmp_path / "m"), "--calib-data", str(corpus_file), "--eval-data", str(corpus_file),
-              "--rotations", "hadamard", "--seqlen", "64", "--gptq-nsamples", "4", "--eval-windows", "2"]
+              "--rotations", "hadamard", "--seqlen", "64", "--gptq-nsamples", "4", "--set", "eval_windows=2"]
     refused = _invoke(*common, "--out", str(tmp_path / "on"), "--r4", "on")
     assert refused.exit_code == 2 and "--r4 off" in refused.output and not (tmp_path / "on").exists(), refused.output
     r = _invoke(*common, "--out", str(tmp_path / "auto"))

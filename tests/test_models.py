@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from spinquant.cli import cli
 from spinquant.errors import SpinQuantError
-from spinquant.models import load_model, permute_hf_to_meta, permute_meta_to_hf, save_meta
+from spinquant.formats import load_model
+from spinquant.formats.meta import permute_hf_to_meta, permute_meta_to_hf, save_meta
 
 
 def test_meta_round_trip_identical_logits(tiny_model, tmp_path):

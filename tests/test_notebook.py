@@ -20,3 +20,6 @@ def test_quickstart_notebook_executes(tiny_model_dir, corpus_file, tmp_path, mon
     assert (tmp_path / "run" / "model.pte").is_file() and (tmp_path / "run" / "report.md").is_file()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # learning curve and residual-stream outliers
+    api_run = tmp_path / "run-api"  # spinquant.quantize in memory, then spinquant.export
+    assert (api_run / "consolidated.00.pth").is_file() and (api_run / "quantized.safetensors").is_file()
+    assert "W4g32A8KV16 8da4w_output_8da8w" in outputs

@@ -135,27 +135,3 @@ def test_weight_given_integers_forward_and_gradient():
     assert torch.allclose(g, expected, atol=1e-9)
 
 
-def test_weighted_clip_search_is_the_weighted_formula():
-    """With per-column importance c the search keeps, per group, the ratio minimising sum_j c_j |w_hat_j - w_j|^2.4
-    (chunked like the unweighted search); all-ones importance is the unweighted search, bit for bit."""
-    from spinquant.quant.primitives import _grouped, qrange, weight_absmax
-
-    torch.manual_seed(3)
-    w = torch.randn(37, 96) ** 3 * 0.02
-    c = torch.rand(96) ** 4 * 10  # a few columns matter, most hardly
-    qmin, qmax = qrange(4)
-    wg = _grouped(w, 32)
-    absmax = weight_absmax(w, 32).clamp_min(torch.finfo(torch.float32).tiny)
-    best_err, expected = torch.full_like(absmax, float("inf")), absmax / qmax
-    for i in range(51):
-        s = (1.0 - 0.5 * i / 50) * absmax / qmax
-        d = (torch.clamp(torch.round(wg * (1.0 / s[..., None])), qmin, qmax) * s[..., None] - wg).abs().pow(2.4)
-        err = (d * c.reshape(3, 32)).sum(-1)
-        expected = torch.where(err < best_err, s, expected)
-        best_err = torch.minimum(err, best_err)
-    got = search_scales(w, 4, 32, chunk_elements=5 * 32, importance=c)
-    assert torch.equal(got, expected)
-    assert not torch.equal(got, search_scales(w, 4, 32))  # the weights changed the choice somewhere
-    assert torch.equal(search_scales(w, 4, 32, importance=torch.ones(96)), search_scales(w, 4, 32))
-    with pytest.raises(ValueError, match="one per input column"):
-        search_scales(w, 4, 32, importance=torch.ones(32))

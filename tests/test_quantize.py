@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from spinquant.cli import cli
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.fusion import Rotations, fuse_and_rotate
-from spinquant.models import load_model, load_tokenizer, untie_embeddings
+from spinquant.formats import load_model, load_tokenizer
+from spinquant.formats.hf import untie_embeddings
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
@@ -42,7 +43,7 @@ def executorch_eager(ckpt_dir, mode="8da4w_output_8da8w", group=32, spin=True):
 
 @pytest.mark.parametrize("rotated", [True, False])
 def test_fake_quant_equals_executorch_eager(tiny_model, tmp_path, rotated):
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     model = untie_embeddings(tiny_model)
     if rotated:
@@ -99,7 +100,7 @@ def test_range_setting_lowers_rtn_weight_error(ref_model_dir):
 def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64"])
+                                 "--gptq-nsamples", "4", "--seqlen", "64"])
     assert r.exit_code == 0, r.output
     assert {"quantized.safetensors", "quant_config.json", "config.json", "R.bin", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     qc = json.loads((out / "quant_config.json").read_text())
@@ -114,22 +115,22 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     assert ev.exit_code == 0, ev.output
     res = json.loads(ev.stdout.strip().splitlines()[-1])
     assert res["kl"] > 0 and 0 < res["top1"] <= 1
-    assert qc["gptq_target"] == "layer" and qc["gptq_clip"] == "plain"
-    # --gptq-clip weighted (other clip ratios) and --gptq-target float (other integers): each recorded, each changes the result
-    for option, value, attr in (("--gptq-clip", "weighted", "scales"), ("--gptq-target", "float", "qweight")):
+    assert qc["gptq_target"] == "layer"
+    # --gptq-objective float (other integers): recorded (as gptq_target, the record's name), changes the result
+    for option, value, attr in (("--gptq-objective", "float", "qweight"),):
         other = tmp_path / f"run_{value}"
         r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(other), "--calib-data", str(corpus_file),
-                                     "--nsamples", "4", "--seqlen", "64", option, value])
+                                     "--gptq-nsamples", "4", "--seqlen", "64", option, value])
         assert r.exit_code == 0, r.output
-        assert json.loads((other / "quant_config.json").read_text())[option[2:].replace("-", "_")] == value
+        assert json.loads((other / "quant_config.json").read_text())["gptq_target"] == value
         assert not torch.equal(getattr(load_model(other).model.layers[1].mlp.up_proj, attr),
                                getattr(load_model(out).model.layers[1].mlp.up_proj, attr))
     # the float target's damping: the default recorded, another value recorded and other integers, a bad one refused
     assert qc["target_percdamp"] is None  # plain GPTQ: nothing fitted, nothing damped
     assert json.loads((tmp_path / "run_float" / "quant_config.json").read_text())["target_percdamp"] == 0.1
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_damp"), "--calib-data",
-                                 str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--gptq-target", "float",
-                                 "--gptq-target-damp", "0.01"])
+                                 str(corpus_file), "--gptq-nsamples", "4", "--seqlen", "64", "--gptq-objective", "float",
+                                 "--gptq-objective-damp", "0.01"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run_damp" / "quant_config.json").read_text())["target_percdamp"] == 0.01
     assert not torch.equal(load_model(tmp_path / "run_damp").model.layers[1].mlp.up_proj.qweight,
@@ -137,14 +138,14 @@ def test_quantize_cli_run_dir_eval_and_verification(tiny_model_dir, corpus_file,
     # --gptq-refit-scales: the same integers as plain GPTQ, other scales, recorded
     assert qc["scale_refit"] is False
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_refit"), "--calib-data",
-                                 str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--gptq-refit-scales"])
+                                 str(corpus_file), "--gptq-nsamples", "4", "--seqlen", "64", "--gptq-refit-scales"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run_refit" / "quant_config.json").read_text())["scale_refit"] is True
     refit, plain = load_model(tmp_path / "run_refit").model.layers[0].self_attn.q_proj, load_model(out).model.layers[0].self_attn.q_proj
     assert torch.equal(refit.qweight, plain.qweight) and not torch.equal(refit.scales, plain.scales)
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_neg"), "--calib-data",
-                                 str(corpus_file), "--gptq-target-damp", "-0.1"])
-    assert r.exit_code == 2 and "--gptq-target-damp -0.1: damping must be a number >= 0" in r.output, r.output
+                                 str(corpus_file), "--gptq-objective-damp", "-0.1"])
+    assert r.exit_code == 2 and "--gptq-objective-damp -0.1: damping must be a number >= 0" in r.output, r.output
     assert not (tmp_path / "run_neg").exists()
 
 def test_w4a4kv4_rtn_run(tiny_model_dir, tmp_path):
@@ -184,27 +185,8 @@ def test_recorded_rtn_results_match_notes(ref_model_dir, wikitext_test_file):
     assert 0.01 < r.kl < 0.04 and r.top1 > 0.8
 
 
-def test_act_order_static_groups_keep_exportable_groups(tiny_model):
-    """act-order permutes the column order but every group keeps one scale per 32 contiguous columns."""
-    from spinquant.quant.gptq import HessianAccumulator, gptq_quantize
-
-    torch.manual_seed(0)
-    w = torch.randn(32, 128)
-    x = torch.randn(512, 128) * torch.linspace(0.1, 3.0, 128)  # unequal column importance
-    acc = HessianAccumulator(128)
-    acc.add(x)
-    q, s = gptq_quantize(w, acc.h, 4, 32, clip_search=True, act_order=True)
-    assert q.shape == w.shape and s.shape == (32, 4) and q.min() >= -8 and q.max() <= 7
-    from spinquant.quant.apply import output_error
-
-    w_gptq = dequantize_weight(q, s, 32)
-    s_rtn = choose_scales(w, 4, 32, True)
-    w_rtn = dequantize_weight(quantize_weight(w, s_rtn, 4, 32), s_rtn, 32)
-    assert output_error(w, w_gptq, acc.h) < output_error(w, w_rtn, acc.h)
-
-
 def test_float_output_mode_equals_executorch_eager(tiny_model, tmp_path):
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     scheme = QuantScheme(output_w_bits=16, output_a_bits=16)
     model = untie_embeddings(tiny_model)
@@ -291,32 +273,10 @@ def test_float_target_least_squares_undoes_a_known_input_distortion():
     assert rel_diff(least_squares_target(w, acc.c, acc.h, percdamp=1e6), w) < 1e-4
 
 
-def test_float_target_channel_damping_is_covariant_under_input_scales():
-    """mode "channel" damps input channel j by percdamp x H̃_jj: the closed form, and channel scales S (inputs S x,
-    weights W S⁻¹) give W* S⁻¹, whereas one λ for all channels ("mean") fits the rescaled channels differently."""
-    from spinquant.quant.apply import least_squares_target
-
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
-    x_float = torch.randn(300, 12, generator=g, dtype=torch.float64)
-    x_quant = x_float + 0.2 * torch.randn(300, 12, generator=g, dtype=torch.float64)
-    c, h = x_float.T @ x_quant, x_quant.T @ x_quant
-    closed = w + w @ (c - h) @ torch.linalg.inv(h + 0.1 * torch.diag(torch.diag(h)))
-    assert torch.allclose(least_squares_target(w, c, h, 0.1, "channel"), closed, rtol=1e-10, atol=1e-12)
-    s = torch.logspace(-2, 2, 12, dtype=torch.float64)  # very unequal channel scales, as learned ones can be
-    scaled = {mode: least_squares_target(w / s, s[:, None] * c * s, s[:, None] * h * s, 0.1, mode)
-              for mode in ("mean", "channel")}
-    for_mode = {mode: least_squares_target(w, c, h, 0.1, mode) / s for mode in ("mean", "channel")}
-    assert torch.allclose(scaled["channel"], for_mode["channel"], rtol=1e-9, atol=1e-12)
-    assert rel_diff(scaled["mean"], for_mode["mean"]) > 1e-2
-    with pytest.raises(ValueError, match="target_damp_mode"):
-        WeightQuantConfig(target_damp_mode="median")
-
-
 def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):
     """GPTQ with the float target fixes every quantized linear to integers, ExecuTorch's eager model agrees with it,
     and it moves the weights off plain GPTQ's (the layers after the first see a different, float, target)."""
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     fused = untie_embeddings(copy.deepcopy(tiny_model))
@@ -331,35 +291,6 @@ def test_float_target_gptq_runs_every_linear_and_exports(tiny_model, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_weighted_clip_weighs_columns_by_the_inverse_hessian_diagonal(act_order):
-    """weighted_clip: the solver's per-column importance is 1 / [H^-1]_jj of the damped Hessian (in processing order),
-    every group's scale is the weighted search's choice on the weights GPTQ holds when it reaches the group, and
-    the integers stay exportable (in [-8, 7], one scale per 32 contiguous columns)."""
-    from spinquant.quant.gptq import GptqSolver, HessianAccumulator
-    from spinquant.quant.range_setting import search_scales
-
-    torch.manual_seed(0)
-    w = torch.randn(16, 64) ** 3
-    x = torch.randn(256, 64) * torch.linspace(0.1, 3.0, 64)
-    acc = HessianAccumulator(64)
-    acc.add(x)
-    solver = GptqSolver(acc.h, 4, 32, act_order=act_order, weighted_clip=True)
-    h = acc.h.double()[solver.perm][:, solver.perm]
-    h.diagonal().add_(0.01 * h.diagonal().mean())
-    expected = 1.0 / torch.linalg.inv(h).diagonal()  # the first column's; later ones condition on the earlier
-    assert torch.allclose(solver.importance[0].double(), expected[0], rtol=1e-4)
-    q, s = solver.quantize(w)
-    assert q.shape == w.shape and s.shape == (16, 2) and q.min() >= -8 and q.max() <= 7
-    if act_order:  # static groups: chosen up front from the original weights with the importance in column order
-        imp = solver.importance[torch.argsort(solver.perm)]
-        assert torch.equal(s, search_scales(w, 4, 32, importance=imp))
-    else:  # the first group is reached before any GPTQ update: its scales are the weighted search on w itself
-        assert torch.equal(s[:, :1], search_scales(w[:, :32], 4, None, importance=solver.importance[:32]))
-    unweighted_s = GptqSolver(acc.h, 4, 32, act_order=act_order).quantize(w)[1]
-    assert not torch.equal(s, unweighted_s)
 
 
 @pytest.mark.parametrize("group", [32, None])
@@ -399,7 +330,7 @@ def test_scale_refit_in_gptq_lowers_every_linears_output_error_and_exports(tiny_
     """WeightQuantConfig.scale_refit: GPTQ's integers stay, only the scales move; every quantized linear's calibration
     output error is at most GPTQ's without the refit (recorded side by side), and the export still agrees with
     ExecuTorch's eager model."""
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     fused = untie_embeddings(copy.deepcopy(tiny_model))
@@ -417,75 +348,3 @@ def test_scale_refit_in_gptq_lowers_every_linears_output_error_and_exports(tiny_
         assert rel_diff(executorch_eager(tmp_path)(ids), model(ids).logits) < 1e-5
 
 
-def test_attention_probs_equal_transformers_eager_attention(tiny_model):
-    """attention_probs reproduces the attention weights of transformers' eager Llama attention (RoPE, GQA, causal
-    mask, scaling) on the same input."""
-    from spinquant.quant.attention_hessian import attention_probs
-
-    model = copy.deepcopy(tiny_model)
-    model.config._attn_implementation = "eager"
-    attn = model.model.layers[0].self_attn
-    assert attn.num_key_value_groups > 1
-    t = 12
-    x = torch.randn(1, t, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    pos = model.model.rotary_emb(x, torch.arange(t)[None])
-    got = {}
-    handle = attn.register_forward_hook(lambda mod, args, kwargs, out: got.update(w=out[1]), with_kwargs=True)
-    with torch.no_grad():
-        attn(x, position_embeddings=pos, attention_mask=torch.full((t, t), float("-inf")).triu(1)[None, None])
-    handle.remove()
-    probs = attention_probs(attn, x[0], pos)
-    assert probs.shape == (model.config.num_attention_heads, t, t)
-    assert torch.allclose(probs, got["w"][0], atol=1e-6)
-    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]))
-
-
-def test_attention_aware_value_hessian_lowers_the_attention_output_error(tiny_model, tmp_path):
-    """value_hessian="attention": v_proj's Hessian for KV head j is Σ z zᵀ over the attention-weighted inputs
-    z = A_h x of the query heads h reading j; GPTQ with it has a lower attention-output error ||ΔW Z||² on those z
-    than GPTQ with the token Hessian (layer 0: both runs see the same inputs), q/k are unchanged, and the export
-    still agrees with ExecuTorch's eager model."""
-    from spinquant.export import write_executorch_checkpoint
-    from spinquant.quant.apply import _capture_input, quantize_embedding
-    from spinquant.quant.attention_hessian import ValueAccumulator, attention_probs, attention_weighted_inputs
-
-    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    fused = untie_embeddings(copy.deepcopy(tiny_model))
-    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
-    layer = fused.model.layers[0]
-    fq = make_fake_quant(copy.deepcopy(fused), META_8DA4W)  # float weights, int8 embedding: layer 0's inputs as GPTQ's
-    quantize_embedding(fq, META_8DA4W, True)
-    flayer = fq.model.layers[0]
-    inps = fq.model.embed_tokens(windows)
-    pos = fq.model.rotary_emb(inps[:1], torch.arange(32)[None])
-    x = _capture_input(flayer, flayer.self_attn.q_proj, inps, pos).reshape(4, 32, -1)
-    kv, groups = fused.config.num_key_value_heads, flayer.self_attn.num_key_value_groups
-    acc = ValueAccumulator(kv, x.shape[-1], cross=False)
-    zs = [attention_weighted_inputs(flayer.self_attn, xi, pos) for xi in x]
-    for z in zs:
-        acc.add(z)
-    a = attention_probs(flayer.self_attn, x[0], pos)
-    z0 = (a @ x[0])[:groups].reshape(-1, x.shape[-1])  # KV head 0's query heads, window 0
-    assert torch.allclose(zs[0][0], z0, atol=1e-5)
-    expected = 2.0 / (4 * groups * 32) * sum(z[0].T @ z[0] for z in zs)
-    assert torch.allclose(acc.h[0], expected, rtol=1e-4, atol=1e-6)
-    w = layer.self_attn.v_proj.weight.detach().float()
-    token = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq"), windows, progress=False)
-    aware = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq", value_hessian="attention"),
-                           windows, progress=False)
-    rows = w.shape[0] // kv
-
-    def attention_error(m):
-        v = m.model.layers[0].self_attn.v_proj
-        d = w - dequantize_weight(v.qweight, v.scales, v.group_size)
-        return sum(((d[j * rows:(j + 1) * rows] @ z[j].T) ** 2).sum().item() for z in zs for j in range(kv))
-
-    assert attention_error(aware) < 0.95 * attention_error(token)
-    for proj in ("q_proj", "k_proj"):
-        assert torch.equal(getattr(aware.model.layers[0].self_attn, proj).qweight, getattr(token.model.layers[0].self_attn, proj).qweight)
-    with pytest.raises(ValueError, match="value_hessian"):
-        WeightQuantConfig(value_hessian="head")
-    write_executorch_checkpoint(aware, META_8DA4W, tmp_path)
-    ids = torch.randint(0, aware.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert rel_diff(executorch_eager(tmp_path)(ids), aware(ids).logits) < 1e-5

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spinquant.fusion import Rotations, apply_rotations, fuse_norms, norms_are_fused
-from spinquant.models import load_model, untie_embeddings
+from spinquant.formats import load_model
+from spinquant.formats.hf import untie_embeddings
 from tests.helpers import rel_diff
 
 STAGES = {"norm fusion": dict(r1=False, r2=False, r4=False), "+R1": dict(r1=True, r2=False, r4=False),

@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from spinquant.architectures import LLAMA
 from spinquant.cli import cli
 from spinquant.data import CalibrationSet
-from spinquant.fusion import Rotations, apply_rotations, fuse_and_rotate, fuse_norms, load_rbin, orthogonality_error
-from spinquant.models import load_model, untie_embeddings
+from spinquant.fusion import Rotations, apply_rotations, fuse_and_rotate, fuse_norms, orthogonality_error
+from spinquant.formats.rbin import load_rbin
+from spinquant.formats import load_model
+from spinquant.formats.hf import untie_embeddings
 from spinquant.pipeline import learn_rotations
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model, rotated_weights
@@ -42,7 +45,7 @@ def test_gradients_equal_direct_autograd(tiny_model, monkeypatch):
             m.weight_mode = "dynamic"
     params = dict(ref.named_parameters())
     base = {k: v.detach() for k, v in params.items() if k.endswith(".weight") and "norm" not in k and "embed" not in k}
-    rotated = rotated_weights(base, r1, r2, ref.config.num_hidden_layers, 16)
+    rotated = rotated_weights(LLAMA, base, r1, r2, ref.config.num_hidden_layers, 16)
     emb = F.embedding(windows, params["model.embed_tokens.weight"].detach()) @ r1
     out = torch.func.functional_call(ref, rotated, args=(), kwargs={"inputs_embeds": emb, "use_cache": False})
     logits = out.logits[:, :-1]
@@ -187,7 +190,7 @@ def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(t
     """weight_quant='gptq': (1) the collected Hessians rotated analytically (Qᵀ H Q) equal the Hessians observed
     in the fused, rotated model; (2) the learning loss equals the loss of that model with GPTQ int4 weights
     (an independent construction), and differs from the RTN loss."""
-    from spinquant.quant.apply import SEQUENTIAL_GROUPS
+    from spinquant.architectures import LLAMA
     from spinquant.quant.gptq import gptq_quantize
     from spinquant.quant.scheme import QuantScheme
     from spinquant.rotation_gptq import _input_rotation, collect_hessians
@@ -206,7 +209,7 @@ def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(t
     observed = collect_hessians(direct, windows)
     heads = tiny_model.config.num_attention_heads
     for (i, first), h in observed.items():
-        q = _input_rotation(first, learner.r1.detach(), learner.r2[i].detach(), heads)
+        q = _input_rotation(LLAMA, first, learner.r1.detach(), learner.r2[i].detach(), heads)
         rotated_h = learner.hessians[(i, first)] if q is None else q.T @ learner.hessians[(i, first)] @ q
         assert (rotated_h - h).abs().max() < 1e-5 * h.abs().max()
 
@@ -214,7 +217,7 @@ def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(t
     fuse_and_rotate(direct, rot)
     make_fake_quant(direct, cfg.scheme())
     for i, layer in enumerate(direct.model.layers):
-        for group in SEQUENTIAL_GROUPS:
+        for group in LLAMA.groups:
             lins = [layer.get_submodule(n) for n in group]
             qint, scales = gptq_quantize(torch.cat([lin.weight.detach().float() for lin in lins]), observed[(i, group[0])], 4, 32)
             for lin, part_q, part_s in zip(lins, qint.split([lin.out_features for lin in lins]),
@@ -308,26 +311,3 @@ def test_max_angle_is_checked_and_reaches_calibrate_and_learn_rotations(tiny_mod
     assert 0 < moved <= 3 * 0.01 + 1e-6  # ...and three capped steps turned R1 by at most 3 x the cap
 
 
-def test_frozen_channels_keep_their_r1_rows_while_the_rest_learns(tiny_model):
-    """freeze_rows: the Cayley step leaves R1's rows of the frozen residual channels exactly at the start (their
-    images h @ R1 stay the Hadamard rows) and still turns the others; massive_channels finds a planted channel."""
-    from spinquant.outliers import massive_channels
-
-    untie_embeddings(tiny_model)
-    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
-    cfg = LearnConfig(steps=3, batch_size=2, micro_batch=2, lr=1.5, w_bits=4, frozen_channels=[3, 17], max_angle=0.5)
-    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
-    start = learner.r1.detach().clone()
-    learner.run()
-    r1 = learner.r1.detach()
-    assert torch.allclose(r1[[3, 17]], start[[3, 17]], atol=1e-6)
-    others = [j for j in range(r1.shape[0]) if j not in (3, 17)]
-    assert (r1[others] - start[others]).abs().max() > 1e-3 and orthogonality_error(r1) < 1e-5
-    with pytest.raises(Exception, match="not residual channels"):
-        RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows,
-                        LearnConfig(steps=1, batch_size=2, micro_batch=2, frozen_channels=(64,)), torch.device("cpu"), progress=False)
-    # a channel made massive (the final norm ignores it, the next layer's input carries it) is found, alone
-    with torch.no_grad():
-        tiny_model.model.layers[0].mlp.down_proj.weight[5] *= 0
-        tiny_model.model.layers[0].mlp.down_proj.weight[5, :] += 300.0
-    assert massive_channels(tiny_model, windows[:2]) == [5]

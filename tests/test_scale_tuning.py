@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from spinquant.cli import cli
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import Rotations, fuse_and_rotate
-from spinquant.models import load_model, untie_embeddings
+from spinquant.formats import load_model
+from spinquant.formats.hf import untie_embeddings
 from spinquant.quant import scale_tuning
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.fake_quant import quant_linears
@@ -40,7 +41,7 @@ def _windows(tiny_model, n, seed):
 
 
 def test_scale_tuning_lowers_the_kl_keeps_the_integers_and_exports(tiny_model, tmp_path):
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     model = _rtn_model(tiny_model)
     windows = _windows(tiny_model, 16, 0)
@@ -70,7 +71,7 @@ def _norm_weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_scale_tuning_with_norms_tunes_every_norm_and_exports(tiny_model, tmp_path):
-    from spinquant.export import write_executorch_checkpoint
+    from spinquant.formats.executorch import write_executorch_checkpoint
 
     model = _rtn_model(tiny_model)
     norms_before = _norm_weights(model)

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from spinquant import pipeline, workflow
 from spinquant.cli import cli
-from spinquant.fusion import load_rbin
+from spinquant.formats.rbin import load_rbin
 
-FAST = ["--steps", "3", "--batch-size", "2", "--seqlen", "64", "--gptq-nsamples", "4", "--eval-windows", "2"]
+FAST = ["--steps", "3", "--set", "batch_size=2", "--seqlen", "64", "--gptq-nsamples", "4", "--set", "eval_windows=2"]
 
 
 def _calibrate(model_dir, out, corpus, *extra):
@@ -23,7 +23,7 @@ def _no_learning(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("rotation learning ran")
 
-    monkeypatch.setattr(pipeline, "learn_rotations", fail)
+    monkeypatch.setattr(workflow, "learn_rotations", fail)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,11 @@ def test_calibrate_run_directory(calibrated):
     md = (calibrated / "report.md").read_text()
     assert "![Rotation learning curve](learning_curve.png)" in md and "KL to float" in md
     # the defaults that are not Meta's (spinquant.recipes.DEFAULTS) are resolved, recorded and reported
-    assert cfg["max_angle"] == 0.05 and cfg["gptq_target"] == "float" and cfg["gptq_clip"] == "plain"
-    assert cfg["gptq_target_damp"] == 0.1 and cfg["gptq_refit_scales"] is True
+    assert cfg["max_angle"] == 0.05 and cfg["gptq_objective"] == "float"
+    assert cfg["gptq_objective_damp"] == 0.1 and cfg["gptq_refit_scales"] is True
     assert cfg["tune_scales_steps"] == 128 and cfg["tune_scales_lr"] == 1e-4
     qc = json.loads((calibrated / "quant_config.json").read_text())
-    assert qc["gptq_target"] == "float" and qc["gptq_clip"] == "plain" and qc["target_percdamp"] == 0.1
+    assert qc["gptq_target"] == "float" and qc["target_percdamp"] == 0.1
     assert qc["scale_refit"] is True
     assert qc["scale_tuning"]["steps"] == 128 and len(qc["scale_tuning"]["losses"]) == 128
     assert qc["scale_tuning"]["calibration"]["seed"] == 1 and qc["scale_tuning"]["calibration"]["seqlen"] == 64
@@ -65,54 +65,73 @@ def test_calibrate_run_directory(calibrated):
 def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     from dataclasses import asdict
 
-    from spinquant.recipes import DEFAULTS, RECIPES, check_recipe, unset_values
+    from spinquant.recipes import DEFAULTS, RECIPES, check_recipe, read_recipe, unset_values
     from spinquant.report import render_markdown
 
-    # the defaults are Meta's recipe but for the options left unset (None), which take the recipe's values under
-    # --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise; so --recipe meta alone is accepted
+    # the shipped recipes are the YAML files; the defaults are Meta's recipe but for the options left unset (None),
+    # which take the recipe's values under --recipe meta (plain steps, plain GPTQ) and DEFAULTS' otherwise
+    assert DEFAULTS == read_recipe("default") == {"max_angle": 0.05, "gptq_objective": "float", "gptq_objective_damp": 0.1,
+                                                  "gptq_refit_scales": True, "tune_scales_steps": 128, "tune_scales_lr": 1e-4}
+    assert read_recipe("meta")["pinned"] is True and RECIPES["meta"]["steps"] == 100 and "pinned" not in RECIPES["meta"]
     check_recipe("meta", asdict(workflow.CalibrateOptions(model="m")))
     assert unset_values("meta", asdict(workflow.CalibrateOptions(model="m"))) == {
-        "gptq_target": "layer", "gptq_clip": "plain", "max_angle": 0.0, "gptq_target_damp": 0.1, "gptq_refit_scales": False,
+        "gptq_objective": "layer", "max_angle": 0.0, "gptq_objective_damp": 0.1, "gptq_refit_scales": False,
         "tune_scales_steps": 0, "tune_scales_lr": 1e-4}
-    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS == {
-        "gptq_target": "float", "gptq_clip": "plain", "max_angle": 0.05, "gptq_target_damp": 0.1, "gptq_refit_scales": True,
-        "tune_scales_steps": 128, "tune_scales_lr": 1e-4}
-    assert unset_values(None, {"gptq_target": "layer", "gptq_clip": "plain", "max_angle": None,
-                               "gptq_target_damp": 0.01, "gptq_refit_scales": False, "tune_scales_steps": 0,
+    assert unset_values(None, asdict(workflow.CalibrateOptions(model="m"))) == DEFAULTS
+    assert unset_values(None, {"gptq_objective": "layer", "max_angle": None, "gptq_objective_damp": 0.01,
+                               "gptq_refit_scales": False, "tune_scales_steps": 0,
                                "tune_scales_lr": 1e-3}) == {"max_angle": 0.05}  # given: kept
     check_recipe("meta", {**asdict(workflow.CalibrateOptions(model="m")), "nsamples": 800, "r4": "on"})
-    # a pinned option given with another value is refused before anything is created, naming both fixes
+    # names recorded before the rename (calibrate_config.json, batch files) are read as today's
+    old = workflow.CalibrateOptions.build("m", None, gptq_target="layer", gptq_target_damp=0.01)
+    assert old.gptq_objective == "layer" and old.gptq_objective_damp == 0.01
+    # a pinned option given with another value (a flag or --set) is refused before anything is created, naming both fixes
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
-    _one_line_error(r, "--recipe meta sets --steps 100, but --steps 3 was given")
-    assert "drop --steps" in r.output and "drop --recipe meta" in r.output
-    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe", "meta",
-                                 "--learn-loss", "kl"])
-    _one_line_error(r, "--recipe meta sets --learn-loss ce, but --learn-loss kl was given")
+    _one_line_error(r, "--recipe meta sets steps 100, but steps 3 was given")
+    assert "drop steps" in r.output and "drop --recipe meta" in r.output
+    for key, value, message in (("learn_loss", "kl", "sets learn_loss ce, but learn_loss kl was given"),
+                                ("gptq_objective", "float", "sets gptq_objective layer, but gptq_objective float was given"),
+                                ("max_angle", "0.05", "sets max_angle 0.0, but max_angle 0.05 was given"),
+                                ("gptq_target", "float", "sets gptq_objective layer")):  # a recorded old name, read as today's
+        r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe",
+                                     "meta", "--set", f"{key}={value}"])
+        _one_line_error(r, message)
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o3"), "--recipe", "meta",
                                  "--rotations", "hadamard"])
-    _one_line_error(r, "--recipe meta sets --rotations learned")
-    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
-                                 "--gptq-target", "float"])
-    _one_line_error(r, "--recipe meta sets --gptq-target layer, but --gptq-target float was given")
-    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), "--recipe", "meta",
-                                 "--gptq-clip", "weighted"])
-    _one_line_error(r, "--recipe meta sets --gptq-clip plain, but --gptq-clip weighted was given")
-    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o5"), "--recipe", "meta",
-                                 "--max-angle", "0.05"])
-    _one_line_error(r, "--recipe meta sets --max-angle 0.0, but --max-angle 0.05 was given")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
-    with pytest.raises(workflow.SpinQuantError, match="unknown recipe"):
-        check_recipe("fast", {})
+    _one_line_error(r, "--recipe meta sets rotations learned")
+    # --set: unknown keys, wrong types and unknown recipes are refused, named
+    for args, message in ((["--set", "bogus=1"], "unknown option 'bogus'"), (["--set", "steps=two"], "steps must be an integer"),
+                          (["--set", "steps"], "expected KEY=VALUE"), (["--recipe", "fast"], "unknown recipe")):
+        r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"), *args])
+        _one_line_error(r, message)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
     opts = {**RECIPES["meta"], "recipe": "meta", "seed": 0, "learned": True, "r4": "on", "nsamples": 800}
     md = render_markdown({"model": "m", "target": "t", "options": opts})
     assert "Recipe **meta** (Meta's: W16A8KV16, cross-entropy" in md and "100 steps x 8 x 2048 tokens" in md
     assert "GPTQ on 128 x 2048" in md
-    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05, "gptq_target": "float",
-                                                                   "gptq_target_damp": 0.1}})
+    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "max_angle": 0.05,
+                                                                   "gptq_objective": "float", "gptq_objective_damp": 0.1}})
     assert "lr 1.5 (steps capped at 0.05 rad)" in md and "GPTQ with the float model as target (fit damped 0.1) on 128 x 2048" in md
-    md = render_markdown({"model": "m", "target": "t", "options": {**opts, "recipe": None, "gptq_target": "float", "gptq_clip": "weighted"}})
-    # a run recorded before the damping was an option: its fit was damped as GPTQ's Hessian, 0.01
-    assert "GPTQ with the float model as target (fit damped 0.01), clip search weighted by 1 / [H^-1]_jj, on 128 x 2048" in md
+
+
+def test_a_recipe_file_sets_options_and_flags_win(tiny_model_dir, corpus_file, tmp_path):
+    """--recipe FILE: its keys set the run's options; a flag or --set given beside it wins; the file is recorded."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("rotations: hadamard\ngptq_objective: layer\ntune_scales_steps: 0\neval_windows: 1\nseqlen: 48\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(out), "--calib-data", str(corpus_file),
+                                 "--eval-data", str(corpus_file), "--recipe", str(recipe), "--seqlen", "64",
+                                 "--gptq-nsamples", "4", "--no-pte", "--set", "eval_windows=2"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "calibrate_config.json").read_text())
+    assert cfg["rotations"] == "hadamard" and cfg["gptq_objective"] == "layer" and cfg["tune_scales_steps"] == 0
+    assert cfg["seqlen"] == 64 and cfg["eval_windows"] == 2 and cfg["recipe"] == str(recipe.resolve())
+    assert cfg["max_angle"] == 0.05  # what the file leaves out comes from the default recipe
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1, 2]\n")
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--recipe", str(bad)])
+    _one_line_error(r, "steps must be an integer")
+    assert not (tmp_path / "o").exists()
 
 
 def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
@@ -143,27 +162,26 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     assert r.exit_code == 2 and "rotations" in r.output, r.output
     # so is plain GPTQ (the default fits the float model); in its own directory it runs and is recorded
     assert json.loads((out / "quant_config.json").read_text())["gptq_target"] == "float"
-    plain = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target", "layer")
+    plain = ("--no-pte", "--rotations", "hadamard", "--seed", "3", "--set", "gptq_objective=layer")
     r = _calibrate(tiny_model_dir, out, corpus_file, *plain)
     assert r.exit_code == 2 and "gptq_target" in r.output, r.output
-    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-clip", "weighted")
-    assert r.exit_code == 2 and "gptq_clip" in r.output, r.output
-    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--gptq-target-damp", "0.01")
+    r = _calibrate(tiny_model_dir, out, corpus_file, "--no-pte", "--rotations", "hadamard", "--seed", "3", "--set",
+                   "gptq_objective_damp=0.01")
     assert r.exit_code == 2 and "gptq_target_damp" in r.output, r.output
-    r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain, "--gptq-clip", "weighted")
+    r = _calibrate(tiny_model_dir, tmp_path / "run_layer", corpus_file, *plain)
     assert r.exit_code == 0, r.output
     qc = json.loads((tmp_path / "run_layer" / "quant_config.json").read_text())
-    assert qc["gptq_target"] == "layer" and qc["gptq_clip"] == "weighted"
+    assert qc["gptq_target"] == "layer"
     assert (load_rbin(tmp_path / "run_layer" / "R.bin").r1 == got.r1).all()  # same rotation, other quantizer
 
 
 def test_calibrate_tunes_the_norms_only_when_asked(tiny_model_dir, corpus_file, tmp_path):
     """--tune-norms: the scale tuning also tunes the RMSNorm weights; recorded, reported, part of the run's identity."""
-    from spinquant.models import load_model
+    from spinquant.formats import load_model
 
-    fast = ("--no-pte", "--rotations", "hadamard", "--tune-scales-steps", "2", "--tune-scales-lr", "0.01")
+    fast = ("--no-pte", "--rotations", "hadamard", "--set", "tune_scales_steps=2", "--set", "tune_scales_lr=0.01")
     out = tmp_path / "run"
-    r = _calibrate(tiny_model_dir, out, corpus_file, *fast, "--tune-norms")
+    r = _calibrate(tiny_model_dir, out, corpus_file, *fast, "--set", "tune_norms=true")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "calibrate_config.json").read_text())["tune_norms"] is True
     assert json.loads((out / "quant_config.json").read_text())["scale_tuning"]["norms"] is True
@@ -183,11 +201,12 @@ def test_calibrate_tunes_the_norms_only_when_asked(tiny_model_dir, corpus_file, 
     r = _calibrate(tiny_model_dir, out, corpus_file, *fast)
     assert r.exit_code == 2 and "tune_norms" in r.output, r.output
     # norms without the tuning would do nothing, and Meta's recipe tunes nothing: refused before anything is created
-    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--tune-norms", "--tune-scales-steps", "0"),
+    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--set", "tune_norms=true", "--set",
+                               "tune_scales_steps=0"),
                     "give --tune-scales-steps N (N > 0), or drop --tune-norms")
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe", "meta",
-                                 "--tune-norms"])
-    _one_line_error(r, "--recipe meta sets --tune-norms False, but --tune-norms True was given")
+                                 "--set", "tune_norms=true"])
+    _one_line_error(r, "--recipe meta sets tune_norms False, but tune_norms True was given")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -279,15 +298,14 @@ def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"),
                                  "--calib-data", str(empty), *FAST])
     _one_line_error(r, "is empty")
-    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o5", corpus_file, "--learn-weight-quant", "gptq"), "--w-bits 4")
-    # values the CLI's choices would refuse, reaching calibrate from a batch YAML or the Python API
-    with pytest.raises(workflow.SpinQuantError, match="--gptq-clip wighted: choose plain or weighted"):
-        workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_clip="wighted"))
-    with pytest.raises(workflow.SpinQuantError, match="--gptq-target Float: choose float or layer"):
-        workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_target="Float"))
+    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o5", corpus_file, "--set", "learn_weight_quant=gptq"), "--w-bits 4")
+    # values a recipe file, a batch YAML or the Python API can bring unchecked by click
+    with pytest.raises(workflow.SpinQuantError, match="gptq_objective Float: choose float or layer"):
+        workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_objective="Float"))
     for bad in (-0.5, float("nan"), "0.1"):
-        with pytest.raises(workflow.SpinQuantError, match=f"--gptq-target-damp {bad}: damping must be a number >= 0"):
-            workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_target_damp=bad))
+        with pytest.raises(workflow.SpinQuantError, match=f"gptq_objective_damp {bad}: damping must be a number >= 0"):
+            workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"),
+                                                         gptq_objective_damp=bad))
     for o in ("o1", "o2", "o3", "o5", "o6"):
         assert not (tmp_path / o).exists()
     assert not (tmp_path / "o4" / "report.json").exists() and not (tmp_path / "o4" / "stages.json").exists()
@@ -305,15 +323,13 @@ def test_out_dir_with_another_models_run(calibrated, corpus_file, tmp_path, tiny
 
 
 def test_interrupted_export_keeps_previous_checkpoint(calibrated, monkeypatch):
-    from spinquant import export
-
     ckpt = (calibrated / "consolidated.00.pth").read_bytes()
     params = (calibrated / "params.json").read_text()
 
     def crash(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(export, "executorch_state_dict", crash)
+    monkeypatch.setattr(pipeline, "executorch_state_dict", crash)
     r = CliRunner().invoke(cli, ["export", "--from", str(calibrated), "--no-pte"])
     assert r.exit_code != 0
     assert (calibrated / "consolidated.00.pth").read_bytes() == ckpt and (calibrated / "params.json").read_text() == params

@@ -13,15 +13,7 @@ the *float model's* output instead, ``min ||W X - Q X̃||`` (X: the float model'
 linear on the same tokens; the objective of GPTAQ, Li et al. 2025). That objective splits exactly:
 with the least-squares weight ``W* = W C H̃⁻¹`` (``C = X X̃ᵀ``, ``H̃ = X̃ X̃ᵀ``, both summed over the
 calibration tokens), ``||W X - Q X̃||² = ||W X - W* X̃||² + ||(W* - Q) X̃||²``, so GPTQ of W* on H̃
-solves it. The fit is ridge-damped towards W (``least_squares_target``) more strongly than GPTQ damps its
-Hessian: ``target_percdamp`` 0.1 against GPTQ's 0.01 (benchmarks/results/gptq_float_target_damping.md: on SmolLM2
-8da4w, 0.82x the KL of a fit damped 0.01 over three Hadamard seeds, a sixth of their spread; on the 25M model
-better at all three schemes; the likely cause: an exact fit on tens of thousands of tokens overfits the directions of
-little input variance, which after R1 are most directions of a model with massive activations). With learned channel
-scales 0.1 is far too little (SmolLM2 W4A4KV4: KL 0.854, plain GPTQ 0.609, 1.0 gives 0.618), and not because λ is
-one number for channels whose variances the scales made unequal: damping each channel relative to its own variance
-(``target_damp_mode="channel"``) does not rescue it (0.830) and loses on a plain Hadamard rotation (8da4w KL 0.128 vs
-0.079: it takes the correction away from the high-variance channels, where the gain is), so the mean damping stays.
+solves it. The fit is ridge-damped towards W (``least_squares_target``, ``target_percdamp``).
 A float copy of the current decoder layer runs beside the quantized one to give X: the float stream's hidden states
 are one more copy of the calibration inputs, and the paired linear inputs are alive one batch at a time.
 """
@@ -35,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM
 
-from spinquant.quant.attention_hessian import ValueAccumulator, attention_weighted_inputs
+from spinquant.architectures import architecture_of
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
@@ -45,12 +36,6 @@ from spinquant.quant.range_setting import choose_scales
 from spinquant.quant.scale_refit import refit_group_scales
 from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme, check_damping
 
-# execution order of a decoder layer's linears; the first of each group is observed for the group's Hessian
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-
-TARGET_DAMP_MODES = ("mean", "channel")  # how the float target's fit is damped (least_squares_target)
-VALUE_HESSIANS = ("token", "attention")  # v_proj's GPTQ statistics: plain, or attention-weighted per KV head
 
 
 @dataclass
@@ -61,35 +46,20 @@ class WeightQuantConfig:
     clip_search: bool = True
     percdamp: float = 0.01
     blocksize: int = 128
-    act_order: bool = False
-    weighted_clip: bool = False  # GPTQ's clip search weighs each column's error by 1 / [H^-1]_jj (quant/gptq.py)
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
     target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (least_squares_target; module docstring)
-    target_damp_mode: str = "mean"  # λ = damp x mean diag(H̃) ("mean") or λ_j = damp x H̃_jj per input channel ("channel")
-    # v_proj's GPTQ statistics per token or through the attention (quant/attention_hessian.py); "attention" measured no
-    # gain on SmolLM2 8da4w (KL 0.0792 vs 0.0791, 1.6x the GPTQ time: gptq_scale_refit.md), so it is not on the CLI
-    value_hessian: str = "token"
     scale_refit: bool = False  # after GPTQ, each row's group scales are refitted to its integers (quant/scale_refit.py)
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_damping("--percdamp", self.percdamp)
-        check_damping("--gptq-target-damp", self.target_percdamp)
-        if self.target_damp_mode not in TARGET_DAMP_MODES:
-            raise ValueError(f"target_damp_mode must be one of {TARGET_DAMP_MODES}, got {self.target_damp_mode!r}")
-        if self.value_hessian not in VALUE_HESSIANS:
-            raise ValueError(f"value_hessian must be one of {VALUE_HESSIANS}, got {self.value_hessian!r}")
+        check_damping("--gptq-objective-damp", self.target_percdamp)
 
     @property
     def gptq_target(self) -> str:
         """What GPTQ fits, as recorded and named in run identities: "float" or "layer" (also for RTN)."""
         return "float" if self.float_target and self.method == "gptq" else "layer"
-
-    @property
-    def gptq_clip(self) -> str:
-        """"weighted" when GPTQ's clip search runs weighted (GPTQ with range setting on), else "plain"."""
-        return "weighted" if self.weighted_clip and self.method == "gptq" and self.clip_search else "plain"
 
 
 # rows quantized together (GPTQ, RTN): 128 MiB of float32 weights, a 1B layer's gate+up at once
@@ -98,12 +68,6 @@ GPTQ_CHUNK_ELEMENTS = 1 << 25
 
 class _StopForward(Exception):
     """Raised by an observer once the inputs it needs are captured: the rest of the layer is skipped."""
-
-
-def _get(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 @torch.no_grad()
@@ -122,10 +86,10 @@ def rtn_integers(w: torch.Tensor, bits: int, group_size: int | None, clip_search
 
 
 @torch.no_grad()
-def quantize_embedding(model: LlamaForCausalLM, scheme: QuantScheme, clip_search: bool) -> None:
+def quantize_embedding(model: nn.Module, scheme: QuantScheme, clip_search: bool) -> None:
     if scheme.embedding_bits >= FLOAT:
         return
-    q, scales = rtn_integers(model.model.embed_tokens.weight, scheme.embedding_bits, None, clip_search)  # scales (vocab, 1)
+    q, scales = rtn_integers(model.get_submodule(architecture_of(model.config).embedding).weight, scheme.embedding_bits, None, clip_search)  # scales (vocab, 1)
     set_embedding_quantized(model, q, scales[:, 0])
 
 
@@ -175,7 +139,7 @@ def _gptq_rows(parts: list[tuple[str, QuantLinear, slice]], h: torch.Tensor, cfg
     """
     lin0 = parts[0][1]
     bits, group = lin0.w_bits, lin0.group_size
-    solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize, cfg.act_order, cfg.weighted_clip)
+    solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize)
     errors = cfg.stats.setdefault("output_error", {})
     for name, _, _ in parts:
         errors.setdefault(name, {"gptq": 0.0, "rtn": 0.0} | ({"gptq_before_refit": 0.0} if cfg.scale_refit else {}))
@@ -218,24 +182,6 @@ def _gptq_linears(named: list[tuple[str, QuantLinear]], h: torch.Tensor, cfg: We
     _gptq_rows([(n, lin, slice(0, lin.out_features)) for n, lin in named], h, cfg, out)
     for name, lin in named:
         lin.set_quantized(*out[name])
-
-
-@torch.no_grad()
-def _gptq_per_head(name: str, lin: QuantLinear, hs: torch.Tensor, cfg: WeightQuantConfig) -> None:
-    """GPTQ of ``lin`` (v_proj) with one Hessian per KV head, ``hs`` (kv_heads, in, in): head j's rows
-    (out / kv_heads of them, contiguous) use ``hs[j]`` (quant/attention_hessian.py)."""
-    if lin.w_bits >= FLOAT:
-        return
-    out = {name: _integer_buffers(lin)}
-    for j, rows in enumerate(_head_rows(lin, hs.shape[0])):
-        _gptq_rows([(name, lin, rows)], hs[j], cfg, out)
-    lin.set_quantized(*out[name])
-
-
-def _head_rows(lin: QuantLinear, heads: int) -> list[slice]:
-    """The contiguous row ranges of ``lin``'s ``heads`` heads (out / heads rows each)."""
-    rows = lin.out_features // heads
-    return [slice(j * rows, (j + 1) * rows) for j in range(heads)]
 
 
 def _run_layer(layer: nn.Module, inps: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor | None:
@@ -298,24 +244,21 @@ class CrossAccumulator:
 
 
 @torch.no_grad()
-def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float,
-                         mode: str = "mean") -> torch.Tensor:
+def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """W* = W (C + Λ)(H̃ + Λ)⁻¹ = W + W (C - H̃)(H̃ + Λ)⁻¹ (shapes: w (out, in), c and h (in, in)).
 
     The ridge solution of ``min ||W X - V X̃||² + λ ||V - W||²``: the damping pulls W* towards W, not towards 0
     (a plain ridge ``W C (H̃ + λI)⁻¹`` shrinks W along every direction of little input variance, and after
-    rotation of a model with massive activations that is most directions). ``mode`` "mean": Λ = λI with
-    λ = percdamp x mean diag(H̃), as GPTQ damps; "channel": Λ = percdamp x diag(H̃), each input channel damped
-    relative to its own variance, which makes W* covariant under input channel scaling (X̃ -> S X̃, W -> W S⁻¹
-    gives W* -> W* S⁻¹), so channel scales do not change how strongly a channel is fitted. With X̃ = X, W* = W
-    whatever Λ. Dead inputs (zero variance) keep W's columns.
+    rotation of a model with massive activations that is most directions): Λ = λI with
+    λ = percdamp x mean diag(H̃), as GPTQ damps. With X̃ = X, W* = W whatever Λ. Dead inputs (zero variance) keep
+    W's columns.
     """
     h = h.double()
     diag = torch.diag(h)
     dead = diag == 0
     damped = h.clone()
     damped[dead, dead] = 1.0
-    damped.diagonal().add_(percdamp * (diag if mode == "channel" else torch.mean(diag)))
+    damped.diagonal().add_(percdamp * torch.mean(diag))
     delta = w.double() @ (c.double() - h)  # W (C - H̃): zero where the quantized inputs equal the float ones
     return (w.double() + torch.linalg.solve(damped, delta.T).T).to(w.dtype)  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
 
@@ -328,14 +271,15 @@ def float_copy(layer: nn.Module) -> nn.Module:
         if isinstance(mod, QuantLinear):
             mod.a_bits = FLOAT
             mod.observer = None
-    ref.self_attn.spinquant_kv_bits = FLOAT
+        if hasattr(mod, "spinquant_kv_bits"):  # the attention (make_fake_quant marks it)
+            mod.spinquant_kv_bits = FLOAT
     return ref
 
 
 def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: torch.Tensor, finps: torch.Tensor,
                              pos_emb, batch_size: int) -> CrossAccumulator:
     """H̃ and C of the linear ``name`` of ``layer`` (quantized stream ``inps``) and ``ref`` (float stream ``finps``)."""
-    lin, ref_lin = _get(layer, name), _get(ref, name)
+    lin, ref_lin = layer.get_submodule(name), ref.get_submodule(name)
     acc = CrossAccumulator(lin.in_features, inps.device)
     for b in range(0, inps.shape[0], batch_size):
         x_quant = _capture_input(layer, lin, inps[b : b + batch_size], pos_emb)
@@ -344,75 +288,43 @@ def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: 
     return acc
 
 
-def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig,
-                      rows: slice = slice(None)) -> None:
-    """Replace the ``rows`` of each quantized linear's weight by the float target's least-squares weight W* for the
-    statistics C, H̃ (least_squares_target), which GPTQ then quantizes; the weight becomes float32."""
+def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig) -> None:
+    """Replace each quantized linear's weight by the float target's least-squares weight W* for the statistics C, H̃
+    (least_squares_target), which GPTQ then quantizes; the weight becomes float32."""
     for _, lin in named:
         if lin.w_bits < FLOAT:
             w = lin.weight.detach().float().clone()
-            w[rows] = least_squares_target(w[rows], c, h, cfg.target_percdamp, cfg.target_damp_mode)
+            w[:] = least_squares_target(w, c, h, cfg.target_percdamp)
             lin.weight.data = w
 
 
 @torch.no_grad()
-def _gptq_qkv_attention_aware(layer: nn.Module, ref: nn.Module | None, named: list[tuple[str, QuantLinear]],
-                              inps: torch.Tensor, finps: torch.Tensor | None, pos_emb, cfg: WeightQuantConfig) -> None:
-    """GPTQ of q/k/v (``named``, v last) with v_proj's statistics taken through the attention
-    (quant/attention_hessian.py): q/k keep the token Hessian (and C with the float target ``ref``), v_proj gets one
-    attention-weighted H̃ (and C) per KV head. One pass over the calibration windows gives both."""
-    attn = layer.self_attn
-    q_proj = attn.q_proj
-    dim, seqlen = q_proj.in_features, inps.shape[1]
-    acc = CrossAccumulator(dim, inps.device) if ref is not None else HessianAccumulator(dim, inps.device)
-    vacc = ValueAccumulator(attn.config.num_key_value_heads, dim, cross=ref is not None, device=inps.device)
-    for b in range(0, inps.shape[0], cfg.batch_size):
-        x_quant = _capture_input(layer, q_proj, inps[b : b + cfg.batch_size], pos_emb)
-        x_float = None if ref is None else _capture_input(ref, ref.self_attn.q_proj, finps[b : b + cfg.batch_size], pos_emb)
-        if ref is None:
-            acc.add(x_quant)
-        else:
-            acc.add(x_float, x_quant)
-        for w in range(0, x_quant.shape[0], seqlen):  # one window at a time: (heads, T, T) probabilities
-            z_float = None if ref is None else attention_weighted_inputs(ref.self_attn, x_float[w : w + seqlen], pos_emb)
-            vacc.add(attention_weighted_inputs(attn, x_quant[w : w + seqlen], pos_emb), z_float)
-    qk, (v_name, v_proj) = named[:-1], named[-1]
-    if ref is not None:
-        _fit_float_target(qk, acc.c, acc.h, cfg)
-        for j, rows in enumerate(_head_rows(v_proj, vacc.h.shape[0])):
-            _fit_float_target([(v_name, v_proj)], vacc.c[j], vacc.h[j], cfg, rows)
-    _gptq_linears(qk, acc.h, cfg)
-    _gptq_per_head(v_name, v_proj, vacc.h, cfg)
-
-
-@torch.no_grad()
-def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
+def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
                         float_embedding: torch.Tensor | None = None) -> None:
     """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring).
 
     ``float_embedding`` (vocab, dim): the embedding before it was quantized, the start of the float stream
     that ``cfg.float_target`` needs (the model's own embedding when not given)."""
     device = next(model.parameters()).device
+    arch = architecture_of(model.config)
+    embedding = model.get_submodule(arch.embedding)
     windows = windows.to(device)
-    inps = torch.cat([model.model.embed_tokens(windows[b : b + cfg.batch_size]) for b in range(0, len(windows), cfg.batch_size)])
+    inps = torch.cat([embedding(windows[b : b + cfg.batch_size]) for b in range(0, len(windows), cfg.batch_size)])
     finps = None
     if cfg.float_target:  # the float model's embedding (the quantized stream starts from the int8 embedding)
-        table = model.model.embed_tokens.weight if float_embedding is None else float_embedding.to(device)
+        table = embedding.weight if float_embedding is None else float_embedding.to(device)
         finps = torch.nn.functional.embedding(windows, table)
     pos_ids = torch.arange(windows.shape[1], device=device)[None]
-    pos_emb = model.model.rotary_emb(inps[:1], pos_ids)
-    for i, layer in enumerate(tqdm(model.model.layers, desc="gptq", unit="layer", disable=not progress)):
+    pos_emb = model.get_submodule(arch.rotary)(inps[:1], pos_ids)
+    for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="gptq", unit="layer", disable=not progress)):
         ref = float_copy(layer) if cfg.float_target else None
-        for group in SEQUENTIAL_GROUPS:
-            named = [(f"model.layers.{i}.{name}", _get(layer, name)) for name in group]
-            if cfg.value_hessian == "attention" and group[-1] == "self_attn.v_proj":
-                _gptq_qkv_attention_aware(layer, ref, named, inps, finps, pos_emb, cfg)
-                continue
+        for group in arch.groups:
+            named = [(f"{arch.layers}.{i}.{name}", layer.get_submodule(name)) for name in group]
             if ref is not None:
                 acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
                 _fit_float_target(named, acc.c, acc.h, cfg)
             else:
-                first = _get(layer, group[0])
+                first = layer.get_submodule(group[0])
                 acc = HessianAccumulator(first.in_features, device)
                 _observe(first, acc, stop=True)
                 _run_layer(layer, inps, pos_emb, cfg.batch_size)
@@ -423,29 +335,29 @@ def gptq_quantize_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: Wei
         if ref is not None:
             finps = _run_layer(ref, finps, pos_emb, cfg.batch_size)
             del ref
-    head = model.lm_head
+    head = model.get_submodule(arch.head)
     if head.w_bits < FLOAT:
-        norm = model.model.norm
+        norm = model.get_submodule(arch.final_norm)
         if cfg.float_target:
             acc = CrossAccumulator(head.in_features, device)
             for b in range(0, inps.shape[0], cfg.batch_size):
                 acc.add(norm(finps[b : b + cfg.batch_size]).reshape(-1, head.in_features).float(),
                         head.quantize_input(norm(inps[b : b + cfg.batch_size])).reshape(-1, head.in_features).float())
-            _fit_float_target([("lm_head", head)], acc.c, acc.h, cfg)
+            _fit_float_target([(arch.head, head)], acc.c, acc.h, cfg)
         else:
             acc = HessianAccumulator(head.in_features, device)
             for b in range(0, inps.shape[0], cfg.batch_size):
                 acc.add(head.quantize_input(norm(inps[b : b + cfg.batch_size])))
-        _gptq_linears([("lm_head", head)], acc.h, cfg)
+        _gptq_linears([(arch.head, head)], acc.h, cfg)
 
 
-def quantize_model(model: LlamaForCausalLM, scheme: QuantScheme, cfg: WeightQuantConfig,
-                   windows: torch.Tensor | None = None, progress: bool = True) -> LlamaForCausalLM:
+def quantize_model(model: nn.Module, scheme: QuantScheme, cfg: WeightQuantConfig,
+                   windows: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
     """Fake-quantize ``model`` in place under ``scheme`` and fix every quantized weight to integers."""
     t0 = time.perf_counter()
     make_fake_quant(model, scheme)
     model.requires_grad_(False)
-    float_embedding = model.model.embed_tokens.weight.detach().clone() if cfg.float_target else None
+    float_embedding = model.get_submodule(architecture_of(model.config).embedding).weight.detach().clone() if cfg.float_target else None
     quantize_embedding(model, scheme, cfg.clip_search)
     if cfg.method == "gptq":
         if windows is None:

@@ -19,18 +19,16 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, LlamaForCausalLM
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from spinquant.fusion import HadamardInputLinear
-from spinquant.hadamard import OnlineHadamard, apply_hadamard
+from spinquant.architectures import architecture_of
+from spinquant.hadamard import HadamardInputLinear, OnlineHadamard, apply_hadamard
 from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
                                         fake_quant_per_token_sym, fake_quant_weight,
                                         fake_quant_weight_given_integers)
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
-BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTN_IMPL = "spinquant_sdpa"
 
 
@@ -131,45 +129,51 @@ def quantized_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 AttentionInterface.register(ATTN_IMPL, quantized_kv_attention)
 
 
-def make_fake_quant(model: LlamaForCausalLM, scheme: QuantScheme) -> LlamaForCausalLM:
+def make_fake_quant(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     """Swap in QuantLinear modules and the KV-quant attention, in place (see module docstring)."""
     scheme.check_model(model.config)
-    for layer in model.model.layers:
-        for name in BLOCK_LINEARS:
-            parent_name, attr = name.split(".")
-            parent = getattr(layer, parent_name)
+    arch = architecture_of(model.config)
+    layers = arch.decoder_layers(model)
+    for layer in layers:
+        for name in arch.block_linears():
+            parent_name, attr = name.rsplit(".", 1)
+            parent = layer.get_submodule(parent_name)
             lin = getattr(parent, attr)
             if isinstance(lin, QuantLinear):
                 continue
             rot = lin.input_rotation if isinstance(lin, HadamardInputLinear) else None
             setattr(parent, attr, QuantLinear(lin, scheme.w_bits, scheme.group, scheme.a_bits, scheme.a_symmetric,
                                               EPS_8DA4W, scheme.a_clip, rot))
-        attn = layer.self_attn
+        attn = layer.get_submodule(arch.attention)
         attn.spinquant_kv_bits = scheme.kv_bits
         attn.spinquant_r3 = scheme.kv_bits < FLOAT
-    if not isinstance(model.lm_head, QuantLinear):
-        model.lm_head = QuantLinear(model.lm_head, scheme.output_w_bits, None, scheme.output_a_bits, False, EPS_8DA8W)
+    head_parent, head_attr = ("", arch.head) if "." not in arch.head else arch.head.rsplit(".", 1)
+    head = model.get_submodule(arch.head)
+    if not isinstance(head, QuantLinear):
+        setattr(model.get_submodule(head_parent), head_attr,
+                QuantLinear(head, scheme.output_w_bits, None, scheme.output_a_bits, False, EPS_8DA8W))
     if scheme.kv_bits < FLOAT:
         model.config._attn_implementation = ATTN_IMPL
-        for layer in model.model.layers:
-            layer.self_attn.config._attn_implementation = ATTN_IMPL
+        for layer in layers:
+            layer.get_submodule(arch.attention).config._attn_implementation = ATTN_IMPL
     model.spinquant_scheme = scheme
     return model
 
 
-def quant_linears(model: LlamaForCausalLM) -> Iterator[tuple[str, QuantLinear]]:
-    """(name, module) of every QuantLinear, block linears first in layer order, lm_head last."""
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """(name, module) of every QuantLinear, block linears first in layer order, the output layer last."""
+    head = architecture_of(model.config).head
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear) and name != "lm_head":
+        if isinstance(mod, QuantLinear) and name != head:
             yield name, mod
-    if isinstance(model.lm_head, QuantLinear):
-        yield "lm_head", model.lm_head
+    if isinstance(model.get_submodule(head), QuantLinear):
+        yield head, model.get_submodule(head)
 
 
 @torch.no_grad()
-def set_embedding_quantized(model: LlamaForCausalLM, q: torch.Tensor, scales: torch.Tensor) -> None:
+def set_embedding_quantized(model: nn.Module, q: torch.Tensor, scales: torch.Tensor) -> None:
     """Fix the embedding to int8 rows ``q`` (vocab, dim) times per-row ``scales`` (vocab,)."""
-    emb = model.model.embed_tokens
+    emb = model.get_submodule(architecture_of(model.config).embedding)
     emb.register_buffer("qweight", q.to(torch.int8))
     emb.register_buffer("scales", scales.to(torch.float32))
     emb.weight = nn.Parameter(dequantize_weight(emb.qweight, emb.scales[:, None], None), requires_grad=False)

@@ -3,8 +3,8 @@ the columns not yet quantized through the inverse Hessian of the layer's inputs.
 
 Written here rather than taken from a library because no maintained package exposes GPTQ with
 the pieces this scheme needs together: symmetric int4 groups whose scales are chosen by range
-setting as the columns are reached, static groups under act-order (so groups stay contiguous and
-exportable), and integer outputs identical to our fake-quant formulas.
+setting as the columns are reached, integer outputs identical to our fake-quant formulas, and one
+inverse-Hessian factor shared by every row chunk of the linears that read one input.
 
 Shapes: W (out, in) float32; H (in, in) = 2/n sum x xᵀ over the n calibration tokens' inputs x.
 """
@@ -35,28 +35,22 @@ class HessianAccumulator:
 
 
 class GptqSolver:
-    """GPTQ for one Hessian: the damped inverse-Hessian factor, column order and dead columns are computed once
-    and serve any rows of any weights that read the same input (GPTQ treats rows independently given H, so
-    a weight can be quantized a chunk of rows at a time with the same result: memory stays bounded for a
-    128256-row output layer).
+    """GPTQ for one Hessian: the damped inverse-Hessian factor and dead columns are computed once and serve any rows
+    of any weights that read the same input (GPTQ treats rows independently given H, so a weight can be quantized a
+    chunk of rows at a time with the same result: memory stays bounded for a 128256-row output layer).
 
-    Group scales are chosen (with range setting) from the error-updated weights when a group's first
-    column is reached; with ``act_order`` the columns are processed by decreasing Hessian diagonal and
-    the scales of all groups are fixed up front from the original weights (static groups). With
-    ``weighted_clip`` the clip search weighs column j's error by ``1 / [H^-1]_jj`` (GPTQ's own cost of an error
-    there, from the damped factor) instead of equally.
+    Group scales are chosen (with range setting) from the error-updated weights when a group's first column is
+    reached; per-channel scales (no groups) up front from the original weights.
     """
 
     @torch.no_grad()
     def __init__(self, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
-                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, weighted_clip: bool = False) -> None:
+                 percdamp: float = 0.01, blocksize: int = 128) -> None:
         h = h.detach().float().clone()
         in_f = h.shape[0]
-        self.bits, self.group_size, self.clip_search, self.act_order = bits, group_size, clip_search, act_order
+        self.bits, self.group_size, self.clip_search = bits, group_size, clip_search
         self.dead = torch.diag(h) == 0
         h[self.dead, self.dead] = 1.0
-        self.perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=h.device)
-        h = h[self.perm][:, self.perm]
         damp = percdamp * torch.mean(torch.diag(h))
         h.diagonal().add_(damp)
         try:
@@ -66,25 +60,17 @@ class GptqSolver:
             self.hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
         g = group_size or in_f
         self.blocksize = max(g, blocksize // g * g) if group_size else blocksize
-        # 1 / U_jj^2 in processing order, U = hinv: U_jj^2 = [(H_FF)^-1]_jj with F = {j and the later columns}, the
-        # inverse-Hessian entry GPTQ's step at column j divides by once the earlier columns are fixed
-        self.importance = torch.diagonal(self.hinv).pow(-2) if weighted_clip else None
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GPTQ of rows ``w`` (rows, in). Returns (q int8 (rows, in), scales float32 (rows, in/g))."""
-        bits, group_size, clip_search, perm, hinv = self.bits, self.group_size, self.clip_search, self.perm, self.hinv
+        bits, group_size, clip_search, hinv = self.bits, self.group_size, self.clip_search, self.hinv
         w = w.detach().float().clone()
         out_f, in_f = w.shape
         g = group_size or in_f
         qmin, qmax = qrange(bits)
         w[:, self.dead] = 0.0
-        importance = self.importance
-        static_scales = None
-        if self.act_order or group_size is None:
-            static_scales = choose_scales(w, bits, group_size, clip_search,
-                                          None if importance is None else importance[torch.argsort(perm)])
-        w = w[:, perm]
+        static_scales = choose_scales(w, bits, group_size, clip_search) if group_size is None else None
         scales = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=w.device) if static_scales is None else static_scales
         q = torch.zeros(out_f, in_f, dtype=torch.int8, device=w.device)
         blocksize = self.blocksize
@@ -95,11 +81,9 @@ class GptqSolver:
             hinv1 = hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                orig_col = int(perm[col])
-                gi = orig_col // g
+                gi = col // g
                 if static_scales is None and col % g == 0:
-                    scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search,
-                                                  None if importance is None else importance[col : col + g])[:, 0]
+                    scales[:, gi] = choose_scales(w1[:, i : i + g], bits, None, clip_search)[:, 0]
                 s = scales[:, gi]
                 wc = w1[:, i]
                 qc = torch.clamp(torch.round(wc * (1.0 / s)), qmin, qmax)
@@ -108,12 +92,11 @@ class GptqSolver:
                 w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
                 err1[:, i] = e
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        return q[:, torch.argsort(perm)], scales
+        return q, scales
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, clip_search: bool = True,
-                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-                  weighted_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  percdamp: float = 0.01, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in). Returns (q int8 (out, in), scales float32 (out, in/g)).
     See :class:`GptqSolver`."""
-    return GptqSolver(h, bits, group_size, clip_search, percdamp, blocksize, act_order, weighted_clip).quantize(w)
+    return GptqSolver(h, bits, group_size, clip_search, percdamp, blocksize).quantize(w)

@@ -23,7 +23,7 @@ path carries the signal that matters: its gradient, sum_j g_j * (round(x_j/s) - 
 the expectation (rounding residuals as uniform noise of variance s^2/12) of the gradient of the
 expected loss increase 1/2 * tr(Hessian) * s^2/12, so a rotation learns to shrink the ranges the loss
 is sensitive to. With detached scales the STE gradient only "rotates the frozen rounding error",
-which does not lower the quantized loss (measured: benchmarks/results/learned_rotations.md).
+which does not lower the quantized loss.
 """
 
 from __future__ import annotations

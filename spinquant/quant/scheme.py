@@ -16,7 +16,7 @@ FLOAT = 16  # "bits = 16" means: left in floating point
 # Here, not in apply.py, so that the CLI can show it without importing torch.
 FLOAT_TARGET_PERCDAMP = 0.1
 # End-to-end scale tuning after GPTQ (quant/scale_tuning.py): Adam's learning rate on the log-scales (a relative change
-# per step) and calibrate's default number of steps (one window each); benchmarks/results/scale_tuning.md.
+# per step) and its default number of steps (one window each); calibrate's come from its recipe (recipe_files/).
 DEFAULT_TUNE_LR = 1e-4
 DEFAULT_TUNE_STEPS = 128
 

@@ -1,0 +1,102 @@
+"""ExecuTorch export: the pre-quantized checkpoint executorch 1.5.1's Llama loader reads unchanged.
+
+``consolidated.00.pth`` (a plain ``torch.save`` dict, Meta names, ``norm.weight`` first because the
+loader takes the checkpoint dtype from the first tensor) + ``params.json`` (ModelArgs keys only).
+Block linears: int8-held int4 ``weight`` (out, in), float32 ``scales`` and all-zero ``zeros``
+(out, in/g); output: int8 ``weight`` + ``scales``/``zeros`` (vocab,) (or a float weight for the
+``8da4w`` mode); embedding: int8 ``weight`` + ``scales`` (vocab,). q/k rows are permuted to Meta's
+interleaved RoPE (scales with them). R1/R2 and R4's weight half are already in the weights; the
+exporter's ``--use_spin_quant native`` adds the online Hadamard before w2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaForCausalLM
+
+from spinquant.errors import SpinQuantError
+from spinquant.fusion import has_online_r4
+from spinquant.hadamard import executorch_computes
+from spinquant.formats.meta import HF_TO_META_LAYER, meta_params_from_config, permute_rope_rows
+from spinquant.quant.scheme import FLOAT, GROUP_SIZES, QuantScheme
+
+CHECKPOINT = "consolidated.00.pth"
+PARAMS = "params.json"
+PREQ_MODES = ("8da4w_output_8da8w", "8da4w")
+FORBIDDEN_PATH_PARTS = ("int8", "8da4w")  # the loader switches to other (broken) branches on these
+
+
+def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
+    """The preq_mode this run exports as; SpinQuantError before any work if ExecuTorch cannot load it."""
+    if scheme.w_bits != 4 or scheme.a_bits not in (8, FLOAT) or scheme.a_symmetric or scheme.kv_bits != FLOAT:
+        raise SpinQuantError(f"scheme {scheme.describe()} has no ExecuTorch pre-quantized format: export needs W4 "
+                             f"groups with A8 asymmetric per-token (8da4w) or float (weight-only) activations and a float KV cache")
+    if scheme.group not in GROUP_SIZES:
+        raise SpinQuantError(f"group size {scheme.group_size or 'per-channel'} is not accepted by ExecuTorch's "
+                             f"pre-quantized loader: use one of {', '.join(map(str, GROUP_SIZES))}")
+    if scheme.a_clip != 1.0:
+        raise SpinQuantError(f"activation clip ratio {scheme.a_clip}: ExecuTorch quantizes activations over their full range; "
+                             f"export needs --a-clip 1")
+    if scheme.embedding_bits != 8:
+        raise SpinQuantError(f"embedding_bits={scheme.embedding_bits}: the export writes an 8-bit per-row embedding")
+    inter = model.config.intermediate_size
+    if has_online_r4(model) and not executorch_computes(inter):
+        raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
+                             f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --r4 off (the default "
+                             f"--r4 auto does this)")
+    missing = [n for n, m in model.named_modules() if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight is None]
+    if missing or getattr(model.model.embed_tokens, "qweight", None) is None:
+        raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "
+                             f"quantize it first (spinquant quantize)")
+    if scheme.a_bits == FLOAT:
+        return "4w"  # weight-only: the same layout, read by ExecuTorch's WeightOnlyInt4Linear (Vulkan path)
+    return "8da4w_output_8da8w" if scheme.output_w_bits == 8 else "8da4w"
+
+
+def executorch_state_dict(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The checkpoint dict (Meta names, float32 scales and norms, norm.weight first)."""
+    cfg = model.config
+    sd: dict[str, torch.Tensor] = {"norm.weight": model.model.norm.weight.detach().float().clone()}
+    emb = model.model.embed_tokens
+    sd["tok_embeddings.weight"] = emb.qweight.clone()
+    sd["tok_embeddings.scales"] = emb.scales.float().clone()
+    head = model.lm_head
+    if scheme.output_w_bits == 8:
+        sd["output.weight"] = head.qweight.clone()
+        sd["output.scales"] = head.scales.float().reshape(-1).clone()
+        sd["output.zeros"] = torch.zeros_like(sd["output.scales"])
+    else:
+        sd["output.weight"] = head.weight.detach().float().clone()
+    for i, layer in enumerate(model.model.layers):
+        for hf, meta in HF_TO_META_LAYER.items():
+            mod = layer.get_submodule(hf)
+            key = f"layers.{i}.{meta}"
+            if hf.endswith("layernorm"):
+                sd[f"{key}.weight"] = mod.weight.detach().float().clone()
+                continue
+            sd[f"{key}.weight"] = permute_rope_rows(hf, mod.qweight, cfg, to_meta=True).contiguous().clone()
+            sd[f"{key}.scales"] = permute_rope_rows(hf, mod.scales.float(), cfg, to_meta=True).contiguous().clone()
+            sd[f"{key}.zeros"] = torch.zeros_like(sd[f"{key}.scales"])
+    return sd
+
+
+def executorch_params(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[str, Any]:
+    params = meta_params_from_config(model.config)
+    params["quantization_args"] = {"scheme": "int4_weight_int8_dynamic_activation", "group_size": scheme.group,
+                                   "spinquant": has_online_r4(model)}
+    return params
+
+
+def write_executorch_checkpoint(model: LlamaForCausalLM, scheme: QuantScheme, out: Path) -> str:
+    """Write consolidated.00.pth + params.json into ``out``; returns the preq_mode to export with."""
+    mode = check_exportable(model, scheme)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(executorch_state_dict(model, scheme), out / CHECKPOINT)
+    (out / PARAMS).write_text(json.dumps(executorch_params(model, scheme), indent=2))
+    return mode
+
+
