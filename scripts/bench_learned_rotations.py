@@ -28,7 +28,6 @@ from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evalu
 from spinquant.fusion import Rotations
 from spinquant.formats.rbin import load_rbin, save_rbin
 from spinquant.formats import load_model, load_tokenizer
-from spinquant.outliers import massive_channels
 from spinquant.pipeline import rotations_file
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
@@ -48,8 +47,6 @@ def main() -> None:
     ap.add_argument("--learn-seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1.5)
     ap.add_argument("--max-angle", type=float, default=None, help="cap on one Cayley step's rotation, radians (LearnConfig.max_angle)")
-    ap.add_argument("--freeze-massive", action="store_true", help="keep R1's rows of the massive channels (spinquant.outliers, "
-                    "found on 4 learning windows) at the Hadamard start (LearnConfig.frozen_channels)")
     ap.add_argument("--scales", action="store_true", help="also learn channel scales jointly with R1/R2 (LearnConfig.scales, "
                     "fusion.ChannelScales)")
     ap.add_argument("--scale-lr", type=float, default=0.01, help="Adam's lr on the log-scales")
@@ -72,20 +69,11 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="Skip the random Hadamard row of --seed (already measured: same seed, same numbers).")
     ap.add_argument("--no-r4", action="store_true", help="R1/R2 only, no online R4 before down_proj, in learning and "
                     "quantization (what a .pte holds when the intermediate size is not a power of two, e.g. SmolLM2)")
-    ap.add_argument("--gptq-target", choices=["layer", "float"], default="layer", help="GPTQ's target for every row: the "
-                    "layer's own output (plain) or the float model's (WeightQuantConfig.float_target)")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal (static "
-                    "group scales; WeightQuantConfig.act_order) in every GPTQ row")
-    ap.add_argument("--weighted-clip", action="store_true", help="GPTQ's clip search weighs each column's error by "
-                    "1 / [H^-1]_jj (WeightQuantConfig.weighted_clip) in every GPTQ row")
+    ap.add_argument("--gptq-objective", choices=["layer", "float"], default="layer", help="GPTQ's objective for every row: "
+                    "the layer's own output (plain) or the float model's (WeightQuantConfig.float_target)")
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
-    ap.add_argument("--target-damp-mode", choices=("mean", "channel"), default="mean",
-                    help="the float target's damping: damp x mean diag(H~) or damp x H~_jj per input channel "
-                         "(WeightQuantConfig.target_damp_mode)")
     ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
-                    help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
-    ap.add_argument("--value-hessian", choices=("token", "attention"), default="token", help="v_proj's GPTQ statistics "
-                    "per token or through the attention, per KV head (WeightQuantConfig.value_hessian) in every GPTQ row")
+                    help="The float objective's ridge damping (WeightQuantConfig.target_percdamp)")
     ap.add_argument("--scale-refit", action="store_true", help="after GPTQ, refit each row's group scales to its integers "
                     "by least squares (WeightQuantConfig.scale_refit) in every GPTQ row")
     ap.add_argument("--save-rotations", default=None, metavar="DIR",
@@ -112,10 +100,9 @@ def main() -> None:
     rows, curves = [], {}
 
     def quantized_eval(rot, scheme, method):
-        wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_target == "float",
-                               act_order=args.act_order, percdamp=args.percdamp, weighted_clip=args.weighted_clip,
-                               target_percdamp=args.target_damp, target_damp_mode=args.target_damp_mode,
-                               scale_refit=method == "gptq" and args.scale_refit, value_hessian=args.value_hessian)
+        wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_objective == "float",
+                               percdamp=args.percdamp, target_percdamp=args.target_damp,
+                               scale_refit=method == "gptq" and args.scale_refit)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats
 
@@ -159,7 +146,6 @@ def main() -> None:
         cfg = LearnConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, w_bits=int(wbits),
                           group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
                           loss=loss, weight_quant=weight_quant, r4=not args.no_r4, max_angle=args.max_angle,
-                          frozen_channels=massive_channels(base, learn_windows[:4]) if args.freeze_massive else (),
                           scales=args.scales, scale_lr=args.scale_lr, scale_init=args.scale_init)
         learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
                                   teacher=copy.deepcopy(base) if loss == "kl" else None,
@@ -168,7 +154,6 @@ def main() -> None:
         label = (f"W{wbits}A{a_bits}KV{kv_bits}" + (", GPTQ in the loop" if weight_quant == "gptq" else "")
                  + (", KL loss" if loss == "kl" else ", CE loss")
                  + (f", step <= {args.max_angle} rad" if args.max_angle is not None else "")
-                 + (f", R1 rows of channels {list(cfg.frozen_channels)} frozen" if cfg.frozen_channels else "")
                  + (f", + channel scales (Adam lr {args.scale_lr}" + (f", SmoothQuant start alpha {args.scale_init})"
                                                                         if args.scale_init is not None else ")") if args.scales else ""))
         curves[f"{target} learned at {label}"] = learner.losses
@@ -189,8 +174,8 @@ def main() -> None:
                                                     "losses": curves}, indent=2))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Learning: {args.steps} steps x {args.batch_size} windows x {args.learn_seqlen} tokens of {Path(args.calib_data).name} "
-             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_target} target"
-             f"{', act order' if args.act_order else ''}{', weighted clip' if args.weighted_clip else ''}{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', target damp {args.target_damp}' if args.gptq_target == 'float' else ''}{' per channel' if args.gptq_target == 'float' and args.target_damp_mode == 'channel' else ''}{', scale refit' if args.scale_refit else ''}{', attention-aware v_proj' if args.value_hessian == 'attention' else ''}): {args.gptq_nsamples} x {args.gptq_seqlen or args.seqlen} tokens. Evaluation: first "
+             f"(seed {args.seed + 1}), lr {args.lr} cosine. GPTQ+clip ({args.gptq_objective} objective"
+             f"{f', damp {args.percdamp}' if args.percdamp != 0.01 else ''}{f', objective damp {args.target_damp}' if args.gptq_objective == 'float' else ''}{', scale refit' if args.scale_refit else ''}): {args.gptq_nsamples} x {args.gptq_seqlen or args.seqlen} tokens. Evaluation: first "
              f"{eval_windows.shape[0]} windows of {args.seqlen} tokens of WikiText-2 test; KL(float32 || model), nats/token.", "",
              "| setting | PPL | KL | top-1 | RTN+clip KL (no GPTQ) | learn time (s) | loss first 10 -> last 10 steps |",
              "|---|---:|---:|---:|---:|---:|---|"]

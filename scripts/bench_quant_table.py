@@ -46,8 +46,7 @@ def main() -> None:
                     "rbin:PATH (an R.bin or a run/learning directory holding one, with its channel scales if any; R4 on)")
     ap.add_argument("--schemes", default="8da4w,w4a4kv4", help="comma list of 8da4w (Meta's), w4a4kv4, w4a16")
     ap.add_argument("--methods", default="rtn,rtn+clip,gptq+clip", help="comma list of rtn, rtn+clip, gptq+clip, gptq-float+clip "
-                    "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target), gptq+wclip, gptq-float+wclip "
-                    "(GPTQ's clip search weighted by 1 / [H^-1]_jj: WeightQuantConfig.weighted_clip)")
+                    "(GPTQ fitting the float model's outputs: WeightQuantConfig.float_target)")
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping (WeightQuantConfig.percdamp)")
     ap.add_argument("--target-damp", type=float, default=WeightQuantConfig.target_percdamp,
                     help="The float target's ridge damping (WeightQuantConfig.target_percdamp; 0.01 before 2026-11-29)")
@@ -83,20 +82,17 @@ def main() -> None:
     record("bf16", "-", "-", "-", copy.deepcopy(base).to(torch.bfloat16), 0.0)
     schemes = {"8da4w": ("8da4w (Meta)", META_8DA4W), "w4a4kv4": ("W4A4KV4", W4A4KV4),
                "w4a16": ("W4A16 (weight-only: the Vulkan target)", QuantScheme(a_bits=FLOAT, output_a_bits=FLOAT))}
-    methods = {"rtn": ("rtn", False, False, False, "RTN"), "rtn+clip": ("rtn", True, False, False, "RTN+clip"),
-               "gptq+clip": ("gptq", True, False, False, "GPTQ+clip"),
-               "gptq-float+clip": ("gptq", True, True, False, "GPTQ float target+clip"),
-               "gptq+wclip": ("gptq", True, False, True, "GPTQ+weighted clip"),
-               "gptq-float+wclip": ("gptq", True, True, True, "GPTQ float target+weighted clip")}
+    methods = {"rtn": ("rtn", False, False, "RTN"), "rtn+clip": ("rtn", True, False, "RTN+clip"),
+               "gptq+clip": ("gptq", True, False, "GPTQ+clip"), "gptq-float+clip": ("gptq", True, True, "GPTQ float target+clip")}
     for scheme_name, scheme in (schemes[k] for k in args.schemes.split(",")):
         for rotation in args.rotations.split(","):
-            for method, clip, float_target, weighted, label in (methods[k] for k in args.methods.split(",")):
+            for method, clip, float_target, label in (methods[k] for k in args.methods.split(",")):
                 t = time.perf_counter()
                 if rotation.startswith("rbin:"):
                     rot = resolve_rotations(rotation.removeprefix("rbin:"), base, args.seed, r4=True)
                 else:
                     rot = None if rotation == "none" else Rotations.random_hadamard(base, args.seed, r4=rotation != "hadamard-no-r4")
-                wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target, weighted_clip=weighted,
+                wq = WeightQuantConfig(method=method, clip_search=clip, float_target=float_target,
                                        percdamp=args.percdamp, target_percdamp=args.target_damp,
                                        scale_refit=args.scale_refit and method == "gptq")
                 model = quantized_copy(base, rot, scheme, wq, calib)

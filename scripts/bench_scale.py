@@ -225,11 +225,11 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-m", "spinquant", "calibrate", "--model", str(model), "--out", str(run),
                    "--calib-data", str(data / "wiki.valid.raw"), "--eval-data", str(data / "wiki.test.raw"),
-                   "--rotations", rotations, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--micro-batch", str(args.micro_batch), "--seqlen", str(args.seqlen), "--gptq-nsamples", str(args.gptq_nsamples),
-                   "--eval-windows", str(args.eval_windows), "--device", args.device]
+                   "--rotations", rotations, "--steps", str(args.steps), "--set", f"batch_size={args.batch_size}",
+                   "--set", f"micro_batch={args.micro_batch}", "--seqlen", str(args.seqlen), "--gptq-nsamples",
+                   str(args.gptq_nsamples), "--set", f"eval_windows={args.eval_windows}", "--set", f"device={args.device}"]
             if args.nsamples:
-                cmd += ["--nsamples", str(args.nsamples)]
+                cmd += ["--set", f"nsamples={args.nsamples}"]
             if args.no_pte:
                 cmd.append("--no-pte")
         code, peaks, wall = run_monitored(cmd, work / "log.txt")

@@ -30,7 +30,8 @@ from spinquant.pipeline import export_run, probe_ids, resolve_device, rotations_
 from spinquant.quant.apply import quantize_model
 from spinquant.quant.scale_tuning import tune_scales
 from spinquant.targets import get_target
-from spinquant.workflow import CalibrateOptions, calibrate as run_calibrate, gptq_config, resolve_recipe, scale_tuning_config
+from spinquant.workflow import (CalibrateOptions, calibrate as run_calibrate, gptq_config, resolve_r4, resolve_recipe,
+                                scale_tuning_config)
 
 __all__ = ["calibrate", "quantize", "export", "load_model"]
 
@@ -67,7 +68,7 @@ def quantize(model: str | os.PathLike | torch.nn.Module, recipe: str | None = No
     target = get_target(opts.target)
     if not target.quantizes:
         raise SpinQuantError(f"target {target.name} does not quantize: use spinquant.calibrate for it")
-    r4 = opts.r4 == "on" or (opts.r4 == "auto" and target.computes_online_hadamard(float_model.config.intermediate_size))
+    r4 = resolve_r4(opts.r4, float_model.config.intermediate_size, target, pte=True)[0] == "on"
     if rotations == "hadamard":
         rot = Rotations.random_hadamard(float_model, opts.seed, r4=r4)
     elif rotations == "none":

@@ -25,7 +25,7 @@ from spinquant.batch_jobs import Progress, execute_job, is_finished, job_row
 from spinquant.batch_ray import check_ray, run_on_ray
 from spinquant.errors import SpinQuantError
 from spinquant.recipes import RENAMED
-from spinquant.workflow import CalibrateOptions
+from spinquant.workflow import CalibrateOptions, yaml_value
 
 PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib", "recipe")
 ROOT_KEYS = ("out_root", "shared_root")  # batch-level keys of ``defaults:``, not calibrate options
@@ -127,6 +127,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
                 if not isinstance(value, str):
                     raise SpinQuantError(f"{where}: models_glob must be a string (got {value!r})")
                 continue
+            merged[key] = value = yaml_value(key, value)
             CalibrateOptions.check_value(where, RENAMED.get(key, key), value)
             if key in PATH_OPTIONS and isinstance(value, str) and _is_local_path(value, key, base):
                 relative[key] = value

@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 from spinquant.batch import run_batch, write_summary  # noqa: E402
 from spinquant.data import resolve_calibration  # noqa: E402
 from spinquant.errors import SpinQuantError  # noqa: E402
+from spinquant.formats import load_config  # noqa: E402
 from spinquant.pipeline import evaluate_model, export_run, learn_rotations, quantize_to_run, rotate_model  # noqa: E402
 from spinquant.quant.apply import WeightQuantConfig  # noqa: E402
 from spinquant.quant.scale_tuning import ScaleTuningConfig  # noqa: E402
@@ -117,9 +118,11 @@ def r4_option(fn):
                         help=R4_HELP)(fn)
 
 
-def _r4_on(choice: str, model_src: str) -> bool:
-    """--r4 auto|on|off for the single-stage commands: auto as calibrate resolves it for the default target."""
-    return resolve_r4(choice, model_src, get_target(DEFAULT_TARGET), pte=True) == "on"
+def _r4_on(choice: str, model_src: str) -> tuple[bool, str | None]:
+    """--r4 auto|on|off for the single-stage commands, as calibrate resolves it for the default target: (on, the line
+    that says why auto chose off), the line printed once the command has run."""
+    on, note = resolve_r4(choice, load_config(model_src).intermediate_size, get_target(DEFAULT_TARGET), pte=True)
+    return on == "on", note
 
 
 @cli.command()
@@ -131,8 +134,10 @@ def _r4_on(choice: str, model_src: str) -> bool:
 @friendly_errors
 def rotate(model_src: str, out_dir: str, seed: int, r4: str, overwrite: bool) -> None:
     """Fuse norms and apply random-Hadamard R1/R2 (and R4): a float model that computes the same function."""
-    on = _r4_on(r4, model_src)
+    on, note = _r4_on(r4, model_src)
     report = rotate_model(model_src, out_dir, seed=seed, r4=on, overwrite=overwrite)
+    if note:
+        click.echo(note, err=True)
     click.echo(f"wrote {out_dir} (R.bin + HF model{' with online R4' if on else ''}); verified after reload: "
                f"max relative logit difference {report['max_rel_diff']:.2e}")
 
@@ -224,7 +229,7 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
     wq = WeightQuantConfig(method=method, clip_search=clip_search, float_target=gptq_objective == "float",
                            target_percdamp=gptq_objective_damp, scale_refit=gptq_refit_scales)
     tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr, norms=tune_norms)
-    on = rotations != "none" and _r4_on(r4, model_src)
+    on, note = _r4_on(r4, model_src) if rotations != "none" else (False, None)
     calib_set = (resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field)
                  if method == "gptq" or tuning.steps else None)
     cfg = quantize_to_run(model_src, out_dir, scheme, wq, rotations=rotations, calib=calib_set, seed=seed,
@@ -232,6 +237,8 @@ def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bi
     click.echo(f"wrote {out_dir}: {scheme.describe()} {method}{'+clip' if clip_search else ''}, rotations {rotations}"
                f"{'' if on or rotations == 'none' else ' without R4'}, "
                f"quantized in {cfg['times_s']['quantize']:.1f} s; verified after reload")
+    if note:
+        click.echo(note, err=True)
     if cfg.get("warning"):
         click.echo(f"warning: {cfg['warning']}", err=True)
 
@@ -315,9 +322,10 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
                         save_every, r4, device, tokenizer_src, overwrite) -> None:
     """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
 
+    r4_on, note = _r4_on(r4, model_src)
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=_r4_on(r4, model_src), max_angle=max_angle, scales=scales, scale_lr=scale_lr,
+                      save_every=save_every, r4=r4_on, max_angle=max_angle, scales=scales, scale_lr=scale_lr,
                       scale_init=scale_init)
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
@@ -325,6 +333,8 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
     if s.get("finished") and s.get("rank", 0) == 0:
         click.echo(f"wrote {out_dir}/R.bin{' + scales.safetensors' if scales else ''} after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
+    if note and s.get("rank", 0) == 0:
+        click.echo(note, err=True)
 
 
 def _target_help() -> str:
@@ -413,7 +423,7 @@ def batch(jobs_file: str | None, ray_address: str | None, cpus_per_job: int) -> 
     """Calibrate many models from a YAML file; continue past failures; skip finished jobs; summary table.
 
     \b
-    JOBS_FILE format (any calibrate option, with underscores):
+    JOBS_FILE format (any recipe key of calibrate, docs/recipe.md):
       defaults:                      # applied to every job
         calib_data: data/chats.jsonl
         gptq_nsamples: 128

@@ -119,16 +119,21 @@ class CalibrateOptions:
     def build(model: str, recipe: str | None = None, **given: Any) -> "CalibrateOptions":
         """The options of a run: a recipe file's values (a shipped recipe's are resolved by :func:`calibrate`), with
         ``given`` over them. Names recorded before a rename are read as today's (spinquant.recipes.RENAMED)."""
-        given = {RENAMED.get(k, k): v for k, v in given.items()}
+        given = {RENAMED.get(k, k): yaml_value(k, v) for k, v in given.items()}
         values: dict[str, Any] = {}
         if recipe is not None and recipe not in RECIPES and recipe != "default":
-            values = {RENAMED.get(k, k): v for k, v in read_recipe(recipe).items() if k not in META_KEYS}
+            values = {RENAMED.get(k, k): yaml_value(k, v) for k, v in read_recipe(recipe).items() if k not in META_KEYS}
             if "model" in values:
                 raise SpinQuantError(f"recipe {recipe}: model is not a recipe key (pass the model on its own)")
             recipe = str(Path(recipe).expanduser().resolve())
         for key, value in {**values, **given}.items():
             CalibrateOptions.check_value(f"recipe {recipe}" if key in values and key not in given else "option", key, value)
         return CalibrateOptions(model=model, recipe=recipe, **{**values, **given})
+
+
+def yaml_value(key: str, value: Any) -> Any:
+    """YAML 1.1 reads on/off as booleans: for ``r4``, whose values are the words auto/on/off, they mean those words."""
+    return ("on" if value else "off") if key == "r4" and isinstance(value, bool) else value
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -315,21 +320,21 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     return report
 
 
-def resolve_r4(choice: str, model_src: str, target: Target, pte: bool) -> str:
-    """--r4 auto|on|off -> "on" or "off". auto is on unless the target's runtime cannot compute the online Hadamard at
-    the model's intermediate size (ExecuTorch's fast_hadamard_transform takes powers of two only): then off, said in
-    one line, since a model that cannot be deployed is worse than down_proj inputs left unrotated. "on" with such a
-    size fails in the preflight with the fix named."""
+def resolve_r4(choice: str, inter: int, target: Target, pte: bool) -> tuple[str, str | None]:
+    """--r4 auto|on|off -> ("on" or "off", the line that says why auto chose off, else None). auto is on unless the
+    target's runtime cannot compute the online Hadamard at the model's intermediate size ``inter`` (ExecuTorch's
+    fast_hadamard_transform takes powers of two only): then off, since a model that cannot be deployed is worse than
+    down_proj inputs left unrotated. "on" with such a size fails in the preflight with the fix named. The caller
+    prints the line once its checks have passed (a refused start says one thing)."""
     if choice not in ("auto", "on", "off"):
         raise SpinQuantError(f"--r4 {choice}: choose auto, on or off")
     if choice != "auto":
-        return choice
-    inter = load_config(model_src).intermediate_size
+        return choice, None
     if pte and not target.computes_online_hadamard(inter):
-        _log(f"[spinquant] R4 off: {target.name}'s runtime cannot compute an online Hadamard of the intermediate size "
-             f"{inter} (ExecuTorch's fast_hadamard_transform takes powers of two); down_proj's inputs stay unrotated")
-        return "off"
-    return "on"
+        return "off", (f"[spinquant] R4 off: {target.name}'s runtime cannot compute an online Hadamard of the intermediate "
+                       f"size {inter} (ExecuTorch's fast_hadamard_transform takes powers of two); down_proj's inputs stay "
+                       f"unrotated")
+    return "on", None
 
 
 def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int):
@@ -398,13 +403,15 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         raise SpinQuantError(f"target {target.name} has no .pte on this machine ({target.description}): pass --no-pte "
                              f"or an xnnpack target")
     pte = target.pte and opts.pte is not False
-    opts.r4 = resolve_r4(opts.r4, opts.model, target, pte)
+    opts.r4, r4_note = resolve_r4(opts.r4, load_config(opts.model).intermediate_size, target, pte)
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
                             w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
                             r4=opts.r4 == "on", max_angle=opts.max_angle)
     nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
     config = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
+    if r4_note:
+        _log(r4_note)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
                 "learned": learn}
     identity = {k: v for k, v in run_opts.items() if k not in RESUME_FREE and k not in ("versions", "model_identity")}

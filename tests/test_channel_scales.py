@@ -176,7 +176,7 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
     r = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run_f"), "--rotations",
                                  str(learned), "--calib-data", str(corpus_file), "--gptq-nsamples", "8", "--seqlen", "64",
                                  "--gptq-objective", "float"])
-    assert r.exit_code == 0 and "warning: --gptq-target float with learned channel scales" in r.output, r.output
+    assert r.exit_code == 0 and "warning: the float GPTQ objective with learned channel scales" in r.output, r.output
     r = CliRunner().invoke(cli, ["export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4",
                                  "--max-seq-len", "128"])
     assert r.exit_code == 0, r.output

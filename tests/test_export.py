@@ -191,7 +191,7 @@ def test_export_rejects_intermediate_without_online_hadamard(tmp_path, tiny_toke
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     run = tmp_path / "run"
-    assert _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(run), "--method", "rtn").exit_code == 0
+    assert _invoke("quantize", "--model", str(tmp_path / "m"), "--out", str(run), "--method", "rtn", "--r4", "on").exit_code == 0
     _assert_clean_error(_invoke("export", "--from", str(run), "--no-pte"), "intermediate size 96 is not a power of two", run)
     assert "--r4 off" in _invoke("export", "--from", str(run), "--no-pte").output  # the fix is named
     # the fix: R1/R2 without the online R4, which ExecuTorch runs with no custom op
@@ -209,7 +209,7 @@ def test_calibrate_turns_r4_off_where_executorch_cannot_run_it(tmp_path, tiny_to
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     common = ["calibrate", "--model", str(tmp_path / "m"), "--calib-data", str(corpus_file), "--eval-data", str(corpus_file),
               "--rotations", "hadamard", "--seqlen", "64", "--gptq-nsamples", "4", "--set", "eval_windows=2"]
-    refused = _invoke(*common, "--out", str(tmp_path / "on"), "--r4", "on")
+    refused = _invoke(*common, "--out", str(tmp_path / "on"), "--set", "r4=on")
     assert refused.exit_code == 2 and "--r4 off" in refused.output and not (tmp_path / "on").exists(), refused.output
     r = _invoke(*common, "--out", str(tmp_path / "auto"))
     assert r.exit_code == 0, r.output

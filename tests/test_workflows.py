@@ -117,7 +117,8 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
 def test_a_recipe_file_sets_options_and_flags_win(tiny_model_dir, corpus_file, tmp_path):
     """--recipe FILE: its keys set the run's options; a flag or --set given beside it wins; the file is recorded."""
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text("rotations: hadamard\ngptq_objective: layer\ntune_scales_steps: 0\neval_windows: 1\nseqlen: 48\n")
+    recipe.write_text("rotations: hadamard\ngptq_objective: layer\ntune_scales_steps: 0\neval_windows: 1\nseqlen: 48\n"
+                      "r4: off\n")  # YAML 1.1 reads off as false: for r4 it is the word
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(out), "--calib-data", str(corpus_file),
                                  "--eval-data", str(corpus_file), "--recipe", str(recipe), "--seqlen", "64",
@@ -127,6 +128,7 @@ def test_a_recipe_file_sets_options_and_flags_win(tiny_model_dir, corpus_file, t
     assert cfg["rotations"] == "hadamard" and cfg["gptq_objective"] == "layer" and cfg["tune_scales_steps"] == 0
     assert cfg["seqlen"] == 64 and cfg["eval_windows"] == 2 and cfg["recipe"] == str(recipe.resolve())
     assert cfg["max_angle"] == 0.05  # what the file leaves out comes from the default recipe
+    assert cfg["r4"] == "off" and json.loads((out / "config.json").read_text()).get("spinquant_online_r4") is None
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1, 2]\n")
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--recipe", str(bad)])
