@@ -90,6 +90,7 @@ def quantize(model: str | os.PathLike | torch.nn.Module, recipe: str | None = No
         tune_scales(qmodel, float_model.to(device), calibration_windows(tuning_calibration(calib, tuning), tokenizer), tuning)
     qmodel.spinquant_rotations = rot  # export() writes them beside the run as R.bin
     qmodel.spinquant_source = source  # export() records it: the verification's KL scale is the float model's
+    qmodel.spinquant_tokenizer = tokenizer  # export() writes it beside the run: the .pte is verified on text
     return qmodel.to("cpu").eval()
 
 
@@ -97,14 +98,16 @@ def export(model: str | os.PathLike | torch.nn.Module, out: str | os.PathLike | 
            pte: bool = True, overwrite: bool = False, **verify: Any) -> dict[str, Any]:
     """The ExecuTorch checkpoint (consolidated.00.pth + params.json) and, with ``pte``, a model.pte verified against our
     model. ``model``: a quantized run directory (then ``out`` defaults to it), or a model from :func:`quantize`, which is
-    first written as a run directory into ``out`` (checked after reload). Returns the export's record.
+    first written as a run directory into ``out`` (checked after reload), with ``tokenizer`` (default: the one
+    :func:`quantize` used). Returns the export's record.
 
-    >>> spinquant.export(q, "runs/ft-q", tokenizer=tok)  # doctest: +SKIP
+    >>> spinquant.export(q, "runs/ft-q")  # doctest: +SKIP
     """
     if not isinstance(model, torch.nn.Module):
         return export_run(str(model), None if out is None else str(out), pte=pte, overwrite=overwrite, **verify)
     if out is None:
         raise SpinQuantError("exporting a model in memory needs out= (the run directory to write)")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "spinquant_tokenizer", None)
     scheme = getattr(model, "spinquant_scheme", None)
     if scheme is None:
         raise SpinQuantError("the model is not quantized: make it with spinquant.quantize first")

@@ -100,7 +100,6 @@ def evaluate_model(model_src: str, data: str = "wikitext2", seqlen: int = 2048, 
     if tokenizer is None:
         raise SpinQuantError(f"{model_src} has no tokenizer: pass --tokenizer DIR")
     if is_pte:
-
         pte = PteModel(model_src)
         model_fn, vocab, max_pos = pte, pte.vocab_size, None
     else:
@@ -245,7 +244,6 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     quantize_model(model, scheme, wq, windows, progress=progress)
     times["quantize"] = time.perf_counter() - t
     if tuning is not None:
-
         t = time.perf_counter()
         teacher = load_model(model_src).to(dev)  # the float model: the rotation does not change its function
         tune_scales(model, teacher, tune_windows, tuning, progress=progress)
@@ -505,7 +503,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
         raise SpinQuantError(f"{model_src} is already rotated: learn rotations on the original float model")
     teacher = None
     if cfg.loss == "kl":
-
         teacher = copy.deepcopy(model)
     start_scales = initial_scales(model, cfg, windows)
     prepare_model(model, cfg)
@@ -522,7 +519,6 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,
                                "rank": learner.rank}
     if learner.rank == 0 and summary["finished"]:
-
         tmp = Path(tempfile.mkdtemp(prefix=".learn.partial-", dir=out))
         try:
             summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev)}))

@@ -519,7 +519,6 @@ def bound_step_angles(p: torch.Tensor, lr: float, cap: float | None) -> float:
 
 
 def _digest(windows: torch.Tensor) -> str:
-
     return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
 
 

@@ -144,7 +144,6 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
 
@@ -201,7 +200,6 @@ def _log(msg: str) -> None:
 
 
 def _calibration(opts: CalibrateOptions, nsamples: int):
-
     return resolve_calibration(opts.calib, opts.calib_data, nsamples, opts.seqlen, opts.seed, nsamples, opts.text_field)
 
 
@@ -220,7 +218,6 @@ def scale_tuning_config(opts: CalibrateOptions):
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
-
     target = get_target(opts.target)
     tmp = Path(tempfile.mkdtemp(prefix=".stage-quantize-", dir=run.dir))
     try:
@@ -263,7 +260,6 @@ def write_float_rotated(model_src: str, rbin: Path, out: Path) -> None:
 
 
 def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str, Any]:
-
     target = get_target(opts.target)
     report: dict[str, Any] = {"model": opts.model, "target": target.name, "target_description": target.description,
                               "options": run.opts, "plots": []}
@@ -284,7 +280,6 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
         ev = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
               "float": evaluate(ref, windows, progress=False).to_dict()}
         if target.quantizes and opts.compare_hadamard:
-
             m = copy.deepcopy(float_model)
             fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
             quantize_model(m, target.scheme, gptq_config(opts), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
@@ -468,7 +463,6 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
             run.unmark(stage)
     if rotations_from is not None:  # requantize: the rotations another run learned
         if not run.done("learn"):
-
             if scales_path(rotations_from).is_file():  # learned channel scales go with their rotations
                 shutil.copy(scales_path(rotations_from), scales_path(run.dir / "R.bin"))
             shutil.copy(rotations_from, run.dir / "R.bin")

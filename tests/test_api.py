@@ -28,7 +28,7 @@ def test_quantize_in_memory_then_export_equals_the_cli(tiny_model_dir, corpus_fi
                            seqlen=64, seed=2, gptq_objective="layer", gptq_refit_scales=False, tune_scales_steps=0)
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())  # the model passed is not modified
     api_run = tmp_path / "api"
-    result = spinquant.export(q, api_run, tokenizer=load_tokenizer(tiny_model_dir), pte=False)
+    result = spinquant.export(q, api_run, pte=False)  # the tokenizer quantize used goes with the model
     assert result["preq_mode"] == "8da4w_output_8da8w" and (api_run / "consolidated.00.pth").is_file()
     a, b = load_file(cli_run / "quantized.safetensors"), load_file(api_run / "quantized.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -36,6 +36,7 @@ def test_quantize_in_memory_then_export_equals_the_cli(tiny_model_dir, corpus_fi
     with torch.no_grad():
         assert torch.equal(load_model(api_run)(ids).logits, q(ids).logits)
     assert json.loads((api_run / "spinquant_output.json").read_text())["quantize"]["model"] == "in memory"
+    assert (api_run / "tokenizer.json").is_file()
     # a second export into the same directory is refused; a float model cannot be exported
     with pytest.raises(SpinQuantError, match="holds"):
         spinquant.export(q, tmp_path / "cli", pte=False)

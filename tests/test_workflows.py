@@ -336,3 +336,21 @@ def test_interrupted_export_keeps_previous_checkpoint(calibrated, monkeypatch):
     assert r.exit_code != 0
     assert (calibrated / "consolidated.00.pth").read_bytes() == ckpt and (calibrated / "params.json").read_text() == params
     assert not [p for p in calibrated.iterdir() if ".partial-" in p.name]
+
+
+def test_batch_jobs_take_recipes_and_old_option_names(tmp_path):
+    """A batch file's `recipe:` is a shipped name or a file beside the YAML (resolved like other paths); recorded old
+    names (gptq_target) and YAML's on/off for r4 are read as today's options; an unknown key is refused, named."""
+    from spinquant.batch import load_jobs
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "mine.yaml").write_text("steps: 5\n")
+    (tmp_path / "jobs.yaml").write_text("defaults: {r4: off, gptq_target: layer}\n"
+                                        "jobs:\n  - {model: ./m, recipe: mine.yaml}\n  - {model: ./m, out: b, recipe: meta}\n")
+    first, second = load_jobs(str(tmp_path / "jobs.yaml"))
+    assert first["recipe"] == str(tmp_path / "mine.yaml") and second["recipe"] == "meta" and first["r4"] == "off"
+    opts = workflow.CalibrateOptions.build(**first)
+    assert opts.steps == 5 and opts.gptq_objective == "layer" and opts.recipe == str((tmp_path / "mine.yaml").resolve())
+    (tmp_path / "bad.yaml").write_text("jobs:\n  - {model: ./m, stepz: 3}\n")
+    with pytest.raises(workflow.SpinQuantError, match="unknown option"):
+        load_jobs(str(tmp_path / "bad.yaml"))
