@@ -132,6 +132,12 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
             if key in PATH_OPTIONS and isinstance(value, str) and _is_local_path(value, key, base):
                 relative[key] = value
                 merged[key] = str((roots.out_base() if key == "out" else base) / Path(value).expanduser())
+            elif key in PATH_OPTIONS and isinstance(value, list):  # eval_data: several texts, each resolved alike
+                merged[key] = [str(base / Path(v).expanduser()) if isinstance(v, str) and _is_local_path(v, key, base)
+                               else v for v in value]
+                for v in value:
+                    if isinstance(v, str) and _is_local_path(v, key, base) and shared:
+                        _check_shared(where, key, v, (base / Path(v).expanduser()).resolve(), roots)
         expanded: list[dict[str, Any]] = []
         if "models_glob" in merged:
             pattern = merged.pop("models_glob")

@@ -364,7 +364,8 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Set one recipe key, e.g. --set batch_size=4 --set device=cuda:1 (repeatable).")
 @click.option("--calib-data", default=None, help="Calibration text (.txt/.raw/.jsonl/.parquet/folder) or hub:NAME [default: WikiText-2 train].")
-@click.option("--eval-data", default=None, help="Evaluation text for the report [default: WikiText-2 test].")
+@click.option("--eval-data", multiple=True, help="Evaluation text for the report, repeatable: one table per text "
+              "[default: WikiText-2 test].")
 @click.option("--rotations", type=click.Choice(["learned", "hadamard"]), default=None,
               help="learned (Cayley SGD from a random Hadamard start) or hadamard (that start, no learning: minutes on a CPU) [default: learned].")
 @click.option("--steps", type=int, default=None, help="Rotation-learning steps [default: 100; 0 = --rotations hadamard].")
@@ -376,7 +377,9 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, Any]:
 @friendly_errors
 def calibrate(model, recipe, overrides, overwrite, **given) -> None:
     """The whole pipeline: learn R1/R2 -> GPTQ + range setting -> ExecuTorch checkpoint -> .pte -> verification -> report."""
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None and v != ()}
+    if "eval_data" in given:  # --eval-data repeated: a list; once: the text itself, as runs have always recorded it
+        given["eval_data"] = given["eval_data"][0] if len(given["eval_data"]) == 1 else list(given["eval_data"])
     extra = _set_values(overrides)
     if "model" in extra:
         raise SpinQuantError("--set model=...: pass --model")
@@ -388,9 +391,12 @@ def calibrate(model, recipe, overrides, overwrite, **given) -> None:
 def _print_run_summary(out: Path, report: dict[str, Any]) -> None:
     ev = report.get("evaluation") or {}
     msg = f"done: {out} (report: {out / 'report.md'})"
-    if ev.get("quantized"):
-        q = ev["quantized"]
-        msg += f"; perplexity {ev['float']['ppl']:.3f} (float) -> {q['ppl']:.3f}, KL {q['kl']:.4f}, top-1 {100 * q['top1']:.2f}%"
+    evs = report.get("evaluations") or [ev]
+    for e in evs:
+        if e.get("quantized"):
+            q, on = e["quantized"], f" on {Path(str(e['data'])).name}" if len(evs) > 1 else ""
+            msg += (f"; perplexity{on} {e['float']['ppl']:.3f} (float) -> {q['ppl']:.3f}, KL {q['kl']:.4f}, "
+                    f"top-1 {100 * q['top1']:.2f}%")
     v = (report.get("export") or {}).get("verification")
     if v:
         msg += f"; .pte verified (KL(ours||pte) {v['kl_ours_to_pte']:.1e}, top-1 agreement {100 * v['top1_agreement']:.2f}%)"
@@ -407,7 +413,6 @@ def _print_run_summary(out: Path, report: dict[str, Any]) -> None:
 @friendly_errors
 def requantize(run_dir, target, out, pte, device, overwrite) -> None:
     """Quantize for another target re-using the learned rotations (no learning), exported and verified."""
-
     report = run_requantize(run_dir, target, out, pte=pte, device=device, overwrite=overwrite)
     _print_run_summary(Path(out) if out else Path(run_dir).parent / f"{Path(run_dir).name}-{target}", report)
 

@@ -86,13 +86,13 @@ def _rotations_line(o: dict[str, Any]) -> str:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    ev = r.get("evaluation") or {}
     lines = [f"# spinquant report: {r['model']}", "", f"Target **{r['target']}** ({r.get('target_description', '')}).", ""]
     if r.get("options"):
         lines += [_rotations_line(r["options"]), ""]
-    if ev.get("skipped"):
-        lines += [f"Evaluation skipped: {ev['skipped']}", ""]
-    elif ev:
+    for ev in r.get("evaluations") or ([r["evaluation"]] if r.get("evaluation") else []):  # one section per text
+        if ev.get("skipped"):
+            lines += [f"Evaluation on {ev.get('data', 'the text')} skipped: {ev['skipped']}", ""]
+            continue
         lines += [f"## Quality (WikiText-2 test protocol on {ev['data']}, {ev['windows']} windows x {ev['seqlen']} tokens)", "",
                   "| model | perplexity | KL to float (nats/token) | top-1 agreement with float |", "|---|---:|---:|---:|",
                   f"| float | {ev['float']['ppl']:.3f} | 0 | 100% |"]

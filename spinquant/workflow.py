@@ -48,7 +48,8 @@ from spinquant.targets import DEFAULT_TARGET, Target, get_target
 STAGES = ("learn", "quantize", "export", "report")
 CONFIG_FILE = "calibrate_config.json"
 STAGES_FILE = "stages.json"
-TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null",
+              "list[str]": "a list of strings"}
 RECORD_NAMES = {new: old for old, new in RENAMED.items()}  # today's option name -> the name run identities record
 # options that do not change what a stage computes: they may differ on a resume
 RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard", "overwrite"}
@@ -85,7 +86,7 @@ class CalibrateOptions:
     tune_norms: bool = False  # the scale tuning also tunes the RMSNorm weights (ScaleTuningConfig.norms); needs tuning steps
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
-    eval_data: str = "wikitext2"
+    eval_data: str | list[str] = "wikitext2"  # one text or several: the report evaluates on each
     eval_windows: int = 20
     compare_hadamard: bool = False
     device: str = "auto"
@@ -110,7 +111,8 @@ class CalibrateOptions:
         allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
         ok = ((value is None and "None" in allowed) or (isinstance(value, bool) and "bool" in allowed)
               or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
-              or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed))
+              or (isinstance(value, float) and "float" in allowed) or (isinstance(value, str) and "str" in allowed)
+              or (isinstance(value, list) and "list[str]" in allowed and all(isinstance(v, str) for v in value) and value))
         if not ok:
             want = " or ".join(TYPE_WORDS[t] for t in sorted(allowed) if t != "None")
             raise SpinQuantError(f"{where}: {key} must be {want} (got {value!r})")
@@ -134,6 +136,11 @@ class CalibrateOptions:
 def yaml_value(key: str, value: Any) -> Any:
     """YAML 1.1 reads on/off as booleans: for ``r4``, whose values are the words auto/on/off, they mean those words."""
     return ("on" if value else "off") if key == "r4" and isinstance(value, bool) else value
+
+
+def eval_texts(opts: CalibrateOptions) -> list[str]:
+    """The evaluation texts of a run, in order (``eval_data`` is one text or a list)."""
+    return [opts.eval_data] if isinstance(opts.eval_data, str) else list(opts.eval_data)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -266,38 +273,46 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     tokenizer = try_load_tokenizer(str(run.dir)) or try_load_tokenizer(model_src, opts.tokenizer)
     float_model = load_model(model_src)
     seqlen = min(opts.seqlen, getattr(float_model.config, "max_position_embeddings", opts.seqlen))
-    try:
-        windows = evaluation_windows(evaluation_ids(tokenizer, opts.eval_data), seqlen, opts.eval_windows)
-    except SpinQuantError as exc:
-        report["evaluation"] = {"skipped": f"{exc} (pass --eval-data PATH)"}
-        windows = None
+    texts: list[tuple[str, torch.Tensor | str]] = []  # (text, its windows) or (text, why it was skipped)
+    for data in eval_texts(opts):
+        try:
+            texts.append((data, evaluation_windows(evaluation_ids(tokenizer, data), seqlen, opts.eval_windows)))
+        except SpinQuantError as exc:
+            texts.append((data, f"{exc} (pass --eval-data PATH)"))
+    windows_of = [(data, w) for data, w in texts if not isinstance(w, str)]
     # memory: one model at a time where possible (a 1B model is 5 GB in float32). The float model's logits are
     # cached per window; the residual-stream statistics rotate the float model in place; it is freed before the
     # quantized model is loaded.
-    ev: dict[str, Any] | None = None
-    if windows is not None:
-        ref = cached_logits_fn(hf_logits_fn(float_model))
-        ev = {"data": opts.eval_data, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-              "float": evaluate(ref, windows, progress=False).to_dict()}
-        if target.quantizes and opts.compare_hadamard:
-            m = copy.deepcopy(float_model)
-            fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
-            quantize_model(m, target.scheme, gptq_config(opts), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
-            ev["random_hadamard"] = evaluate(hf_logits_fn(m), windows, ref, progress=False).to_dict()
-            del m
-    # residual-stream outliers before and after the learned rotation, on a few windows
-    probe = windows[:2, :512] if windows is not None else torch.randint(0, float_model.config.vocab_size, (2, 256))
+    evs: list[dict[str, Any]] = [{"data": data, "skipped": w} if isinstance(w, str) else
+                                 {"data": data, "windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for data, w in texts]
+    ref = cached_logits_fn(hf_logits_fn(float_model))
+    for ev, (_, w) in zip(evs, texts):
+        if not isinstance(w, str):
+            ev["float"] = evaluate(ref, w, progress=False).to_dict()
+    if target.quantizes and opts.compare_hadamard and windows_of:
+        m = copy.deepcopy(float_model)
+        fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
+        quantize_model(m, target.scheme, gptq_config(opts), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
+        for ev, (_, w) in zip(evs, texts):
+            if not isinstance(w, str):
+                ev["random_hadamard"] = evaluate(hf_logits_fn(m), w, ref, progress=False).to_dict()
+        del m
+    # residual-stream outliers before and after the learned rotation, on a few windows of the first text
+    probe = windows_of[0][1][:2, :512] if windows_of else torch.randint(0, float_model.config.vocab_size, (2, 256))
     before = residual_stats(float_model, probe)
     fuse_and_rotate(float_model, load_rbin(run.dir / "R.bin", r4=opts.r4 == "on"))
     after = residual_stats(float_model, probe)
-    if windows is not None:
-        ref.release()  # every window is cached: the float model can go
+    ref.release()  # every window is cached: the float model can go
     del float_model
     release_memory()
-    if ev is not None:
-        if target.quantizes:
-            ev["quantized"] = evaluate(hf_logits_fn(load_model(run.dir)), windows, ref, progress=False).to_dict()
-        report["evaluation"] = ev
+    if target.quantizes and windows_of:
+        quantized = hf_logits_fn(load_model(run.dir))
+        for ev, (_, w) in zip(evs, texts):
+            if not isinstance(w, str):
+                ev["quantized"] = evaluate(quantized, w, ref, progress=False).to_dict()
+    report["evaluation"] = evs[0]  # the first text (what a one-text run always reported)
+    if len(evs) > 1:
+        report["evaluations"] = evs
     report["residual_stats"] = {"original": before, "rotated": after}
     try:
         plot_residual_stats(before, after, run.dir / "residual_stats.png")
@@ -354,7 +369,8 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
         calibration_windows(_calibration(opts, nsamples), tokenizer)
     if target.quantizes:
         calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
-    check_data_path(opts.eval_data, "--eval-data")
+    for data in eval_texts(opts):
+        check_data_path(data, "--eval-data")
     check_finite_weights(opts.model)
     return config
 
@@ -433,7 +449,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     if rotations_from is not None:
         identity["rotations_from"] = resolve_input(rotations_from)
     out = opts.resolved_out()
-    inputs = {"--model": opts.model, "--tokenizer": opts.tokenizer, "--calib-data": opts.calib_data, "--eval-data": opts.eval_data,
+    inputs = {"--model": opts.model, "--tokenizer": opts.tokenizer, "--calib-data": opts.calib_data,
+              **{f"--eval-data {data}": data for data in eval_texts(opts)},
               "--from": rotations_from.parent if rotations_from is not None else None}
     status = claim_output(out, "calibrate", identity, inputs, opts.overwrite)
     created = not out.exists()
@@ -495,7 +512,8 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
         if stage == "quantize":
             _stage_quantize(run, opts, opts.model, run.dir / "R.bin")
         elif stage == "export" and target.exporter == "executorch":
-            export_run(str(run.dir), pte=pte, verify_data=None if opts.eval_data == "wikitext2" else opts.eval_data,
+            first_text = eval_texts(opts)[0]
+            export_run(str(run.dir), pte=pte, verify_data=None if first_text == "wikitext2" else first_text,
                        claim=False, runtime=target.runtime or "xnnpack")
         elif stage == "report":
             _stage_report(run, opts, opts.model)

@@ -354,3 +354,33 @@ def test_batch_jobs_take_recipes_and_old_option_names(tmp_path):
     (tmp_path / "bad.yaml").write_text("jobs:\n  - {model: ./m, stepz: 3}\n")
     with pytest.raises(workflow.SpinQuantError, match="unknown option"):
         load_jobs(str(tmp_path / "bad.yaml"))
+
+
+def test_calibrate_evaluates_on_every_text_given(tiny_model_dir, corpus_file, tmp_path):
+    """--eval-data repeated: the report holds one evaluation per text (the first stays report["evaluation"]), the
+    markdown one table per text, the summary line each text's numbers; a missing second text is refused up front."""
+    from tests.helpers import CORPUS
+
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(reversed(CORPUS.splitlines())) * 3)  # other text over the same vocabulary
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(out), "--calib-data",
+                                 str(corpus_file), "--eval-data", str(corpus_file), "--eval-data", str(other),
+                                 "--rotations", "hadamard", "--seqlen", "64", "--gptq-nsamples", "4", "--no-pte",
+                                 "--set", "eval_windows=2", "--set", "tune_scales_steps=0"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    first, second = rep["evaluations"]
+    assert rep["evaluation"] == first and first["data"] == str(corpus_file) and second["data"] == str(other)
+    for ev in (first, second):
+        assert ev["quantized"]["kl"] > 0 and ev["float"]["ppl"] > 1 and ev["windows"] == 2
+    assert first["float"]["ppl"] != second["float"]["ppl"]
+    md = (out / "report.md").read_text()
+    assert f"on {corpus_file}," in md and f"on {other}," in md
+    assert "perplexity on corpus.txt" in r.output and "perplexity on other.txt" in r.output
+    assert json.loads((out / "calibrate_config.json").read_text())["eval_data"] == [str(corpus_file), str(other)]
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib-data",
+                                 str(corpus_file), "--eval-data", str(corpus_file), "--eval-data", str(tmp_path / "none.txt"),
+                                 "--seqlen", "64"])
+    _one_line_error(r, "none.txt: no such file or folder")
+    assert not (tmp_path / "o").exists()
