@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from spinquant.architectures import architecture_of
+
 MASSIVE_RATIO = 50.0  # a channel is massive when its max |h| is this many times the median channel's
 
 
 @torch.no_grad()
 def channel_absmax(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """(layers, dim): max |h| per channel of each decoder layer's residual-stream input over ``windows`` (n, seqlen)."""
-    out = torch.zeros(len(model.model.layers), model.config.hidden_size)
+    layers = architecture_of(model.config).decoder_layers(model)
+    out = torch.zeros(len(layers), model.config.hidden_size)
     hooks = []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers):
         def hook(_mod, args, kwargs, i=i):
             x = args[0] if args else kwargs["hidden_states"]
             out[i] = torch.maximum(out[i], x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu())

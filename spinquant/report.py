@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from spinquant.architectures import architecture_of
 from spinquant.atomic import atomic_file
 from spinquant.recipes import RECIPE_TEXT
 
@@ -18,7 +19,7 @@ def residual_stats(model: torch.nn.Module, windows: torch.Tensor) -> list[dict[s
     the largest to the median per-channel max |x| (outlier channels), and its kurtosis (outlier mass)."""
     captured: dict[int, list[torch.Tensor]] = {}
     hooks = []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(architecture_of(model.config).decoder_layers(model)):
         def hook(_mod, args, kwargs, i=i):
             x = args[0] if args else kwargs["hidden_states"]
             captured.setdefault(i, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())

@@ -198,19 +198,26 @@ def rotated_weights(arch: Architecture, base: dict[str, torch.Tensor], r1: torch
             x = get(name)
             w[name] = (x.view(x.shape[0], -1, hd) @ r2[i]).reshape(x.shape)
         if scales is not None:
+            # each use indexes the scales anew (one autograd node per use), except that a per-head consumer shares its
+            # producer's: the gradient sums then accumulate in the order the learned scales were first recorded with
             for pair in arch.scales:
-                s = scales[pair.kind][i]
-                if pair.producer in linear_names:
+                s = scales[pair.kind][i] if pair.producer in linear_names else None
+                if s is not None:
                     w[pair.producer] = get(pair.producer) * s[:, None]
-                divisor = per_head_scales(s, hd, get(pair.consumers[0]).shape[1] // hd).reshape(-1) if pair.per_head else s
                 for name in pair.consumers:
-                    w[name] = get(name) / divisor[None, :]
+                    x = get(name)
+                    if pair.per_head:
+                        heads = per_head_scales(s if s is not None else scales[pair.kind][i], hd, x.shape[1] // hd)
+                        w[name] = (x.view(x.shape[0], -1, hd) / heads[None]).reshape(x.shape)
+                    else:
+                        w[name] = x / scales[pair.kind][i][None, :]
             if h4 is not None:
                 for name in arch.rotated("R4", "input"):
                     w[name] = get(name) @ h4
         for name in arch.rotated("R1", "output"):
             w[name] = r1.T @ get(name)
-        out.update({f"{p}{name}.weight": get(name) for name in arch.block_linears()})
+        first = arch.rotated("R1", "input")  # insertion order as first recorded: the input-side R1 linears first
+        out.update({f"{p}{name}.weight": get(name) for name in [*first, *(n for n in arch.block_linears() if n not in first)]})
     return out
 
 

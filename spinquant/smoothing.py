@@ -21,15 +21,15 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import LlamaForCausalLM
+from torch import nn
 
+from spinquant.architectures import architecture_of, head_dim
 from spinquant.fusion import SCALE_KINDS, ChannelScales, Rotations, apply_rotations, fuse_and_rotate
-from spinquant.architectures import head_dim
 from spinquant.outliers import forward_windows
 
 
 @torch.no_grad()
-def activation_absmax(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def activation_absmax(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per kind of fusion.SCALE_KINDS, (layers, channels): max |x| of the activation each scale multiplies, over
     ``windows`` (n, seqlen): the input of q_proj (attn_in), of gate_proj (mlp_in), of o_proj folded onto kv channels
     (v_out: max over the heads sharing a kv head) and of down_proj before any online Hadamard (up_out)."""
@@ -46,37 +46,32 @@ def activation_absmax(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[st
         return hook
 
     hooks = []
-    for i, layer in enumerate(model.model.layers):
-        down = layer.mlp.down_proj
-        hooks += [layer.self_attn.q_proj.register_forward_pre_hook(observe("attn_in", i)),
-                  layer.mlp.gate_proj.register_forward_pre_hook(observe("mlp_in", i)),
-                  layer.self_attn.o_proj.register_forward_pre_hook(observe("v_out", i, fold_heads=True)),
-                  down.register_forward_pre_hook(observe("up_out", i))]  # before HadamardInputLinear's own rotation
+    arch = architecture_of(cfg)
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        for pair in arch.scales:  # the first reader's input (down_proj: before HadamardInputLinear's own rotation)
+            reader = layer.get_submodule(pair.consumers[0])
+            hooks.append(reader.register_forward_pre_hook(observe(pair.kind, i, fold_heads=pair.per_head)))
     forward_windows(model, windows, hooks)
     return out
 
 
-def weight_column_absmax(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+def weight_column_absmax(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per kind, (layers, channels): max |W[:, j]| over the linears that read the scaled activation (q/k/v; gate/up;
     o_proj folded onto kv channels; down_proj, before R4's fold if the model has one: the model passed must not
     have R4 folded)."""
     cfg = model.config
     hd, n_kv = head_dim(cfg), cfg.num_key_value_heads
     out: dict[str, list[torch.Tensor]] = {k: [] for k in SCALE_KINDS}
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-
-        def colmax(*lins) -> torch.Tensor:
-            return torch.stack([lin.weight.detach().abs().amax(0).float().cpu() for lin in lins]).amax(0)
-
-        out["attn_in"].append(colmax(attn.q_proj, attn.k_proj, attn.v_proj))
-        out["mlp_in"].append(colmax(mlp.gate_proj, mlp.up_proj))
-        out["v_out"].append(colmax(attn.o_proj).view(n_kv, -1, hd).amax(1).reshape(-1))
-        out["up_out"].append(colmax(mlp.down_proj))
+    arch = architecture_of(cfg)
+    for layer in arch.decoder_layers(model):
+        for pair in arch.scales:
+            m = torch.stack([layer.get_submodule(name).weight.detach().abs().amax(0).float().cpu()
+                             for name in pair.consumers]).amax(0)
+            out[pair.kind].append(m.view(n_kv, -1, hd).amax(1).reshape(-1) if pair.per_head else m)
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def smooth_scales(model: LlamaForCausalLM, rot: Rotations, windows: torch.Tensor, alpha: float = 0.5,
+def smooth_scales(model: nn.Module, rot: Rotations, windows: torch.Tensor, alpha: float = 0.5,
                   kinds: tuple[str, ...] = SCALE_KINDS) -> ChannelScales:
     """SmoothQuant scales for ``model`` (the original float model, untouched) rotated by ``rot`` (its R1/R2; R4 and
     any scales of ``rot`` are ignored), from ``windows`` (n, seqlen). Kinds not in ``kinds`` stay 1."""

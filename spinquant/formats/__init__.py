@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from spinquant.errors import SpinQuantError, unreadable_torch_file
 from spinquant.formats.hf import _hub_fetch_error, check_llama_config, load_hf
@@ -45,7 +45,7 @@ def describe_source(source: str | os.PathLike) -> str:
 
 
 def load_model(source: str | os.PathLike, untie: bool = True) -> torch.nn.Module:
-    """Load any supported source into the canonical form: float32 LlamaForCausalLM, untied, eval mode.
+    """Load any supported source into the canonical form: the family's transformers class in float32, untied, eval mode.
 
     ``untie=False``: an HF model stays as its config says (for evaluation only; every transform needs it untied).
 
@@ -59,11 +59,11 @@ def load_model(source: str | os.PathLike, untie: bool = True) -> torch.nn.Module
     return load_hf(source, local_only=kind == "hf", untie=untie)
 
 
-def load_config(source: str | os.PathLike) -> LlamaConfig:
+def load_config(source: str | os.PathLike) -> PretrainedConfig:
     """The model's config alone (cheap: no weights), checked to be a Llama."""
     kind = describe_source(source)
     if kind == "run":
-        return LlamaConfig.from_json_file(Path(source) / "config.json")
+        return AutoConfig.from_pretrained(Path(source))
     if kind == "meta":
         ckpt = _meta_checkpoint_file(Path(source))
         try:

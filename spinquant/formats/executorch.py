@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM
 
+from spinquant.architectures import architecture_of
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import has_online_r4
 from spinquant.hadamard import executorch_computes
@@ -30,7 +30,7 @@ PREQ_MODES = ("8da4w_output_8da8w", "8da4w")
 FORBIDDEN_PATH_PARTS = ("int8", "8da4w")  # the loader switches to other (broken) branches on these
 
 
-def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
+def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
     """The preq_mode this run exports as; SpinQuantError before any work if ExecuTorch cannot load it."""
     if scheme.w_bits != 4 or scheme.a_bits not in (8, FLOAT) or scheme.a_symmetric or scheme.kv_bits != FLOAT:
         raise SpinQuantError(f"scheme {scheme.describe()} has no ExecuTorch pre-quantized format: export needs W4 "
@@ -49,7 +49,7 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
                              f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --r4 off (the default "
                              f"--r4 auto does this)")
     missing = [n for n, m in model.named_modules() if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight is None]
-    if missing or getattr(model.model.embed_tokens, "qweight", None) is None:
+    if missing or getattr(model.get_submodule(architecture_of(model.config).embedding), "qweight", None) is None:
         raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "
                              f"quantize it first (spinquant quantize)")
     if scheme.a_bits == FLOAT:
@@ -57,21 +57,22 @@ def check_exportable(model: LlamaForCausalLM, scheme: QuantScheme) -> str:
     return "8da4w_output_8da8w" if scheme.output_w_bits == 8 else "8da4w"
 
 
-def executorch_state_dict(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The checkpoint dict (Meta names, float32 scales and norms, norm.weight first)."""
     cfg = model.config
-    sd: dict[str, torch.Tensor] = {"norm.weight": model.model.norm.weight.detach().float().clone()}
-    emb = model.model.embed_tokens
+    arch = architecture_of(cfg)
+    sd: dict[str, torch.Tensor] = {"norm.weight": model.get_submodule(arch.final_norm).weight.detach().float().clone()}
+    emb = model.get_submodule(arch.embedding)
     sd["tok_embeddings.weight"] = emb.qweight.clone()
     sd["tok_embeddings.scales"] = emb.scales.float().clone()
-    head = model.lm_head
+    head = model.get_submodule(arch.head)
     if scheme.output_w_bits == 8:
         sd["output.weight"] = head.qweight.clone()
         sd["output.scales"] = head.scales.float().reshape(-1).clone()
         sd["output.zeros"] = torch.zeros_like(sd["output.scales"])
     else:
         sd["output.weight"] = head.weight.detach().float().clone()
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(arch.decoder_layers(model)):
         for hf, meta in HF_TO_META_LAYER.items():
             mod = layer.get_submodule(hf)
             key = f"layers.{i}.{meta}"
@@ -84,14 +85,14 @@ def executorch_state_dict(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[
     return sd
 
 
-def executorch_params(model: LlamaForCausalLM, scheme: QuantScheme) -> dict[str, Any]:
+def executorch_params(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, Any]:
     params = meta_params_from_config(model.config)
     params["quantization_args"] = {"scheme": "int4_weight_int8_dynamic_activation", "group_size": scheme.group,
                                    "spinquant": has_online_r4(model)}
     return params
 
 
-def write_executorch_checkpoint(model: LlamaForCausalLM, scheme: QuantScheme, out: Path) -> str:
+def write_executorch_checkpoint(model: torch.nn.Module, scheme: QuantScheme, out: Path) -> str:
     """Write consolidated.00.pth + params.json into ``out``; returns the preq_mode to export with."""
     mode = check_exportable(model, scheme)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,11 @@ def check_finite(named_tensors, where: str) -> None:
 
 
 def untie_embeddings(model: torch.nn.Module) -> torch.nn.Module:
-    """Give lm_head its own copy of the embedding matrix (in place) and mark the config untied."""
-    if model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr():
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    """Give the output layer its own copy of the embedding matrix (in place) and mark the config untied."""
+    arch = architecture_of(model.config)
+    head, embedding = model.get_submodule(arch.head), model.get_submodule(arch.embedding)
+    if head.weight.data_ptr() == embedding.weight.data_ptr():
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
     model.config.tie_word_embeddings = False
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = {}
@@ -137,8 +139,9 @@ def weight_shapes(model_src: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 def check_weight_shapes(shapes: dict[str, tuple[int, ...]], config: Any, where: str) -> None:
-    """The embedding (and lm_head, when stored) must agree with the config's vocab_size and hidden_size."""
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+    """The embedding (and the output layer, when stored) must agree with the config's vocab_size and hidden_size."""
+    arch = architecture_of(config, where)
+    for key in (f"{arch.embedding}.weight", f"{arch.head}.weight"):
         shape = shapes.get(key)
         if shape is not None and shape != (config.vocab_size, config.hidden_size):
             raise SpinQuantError(

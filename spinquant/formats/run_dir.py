@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig
 
+from spinquant.architectures import architecture_of
 from spinquant.errors import SpinQuantError
 from spinquant.formats.hf import untie_embeddings
 from spinquant.fusion import restore_online_rotations
@@ -47,7 +48,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def quantized_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """qweight/scales of every quantized module, float weights of the rest (see module docstring)."""
     state: dict[str, torch.Tensor] = {}
     quantized_modules = set()
@@ -63,7 +64,7 @@ def quantized_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_run(model: LlamaForCausalLM, out: Path, quant_config: dict[str, Any], tokenizer: Any = None) -> None:
+def save_run(model: torch.nn.Module, out: Path, quant_config: dict[str, Any], tokenizer: Any = None) -> None:
     """Write a run directory into ``out`` (an empty temp dir the caller renames)."""
     out.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(out / "config.json")
@@ -82,7 +83,7 @@ def read_quant_config(run: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_run(run: str | Path) -> LlamaForCausalLM:
+def load_run(run: str | Path) -> torch.nn.Module:
     """The fake-quantized model of a run directory, weights fixed to its integers and scales."""
     run = Path(run)
     qc = read_quant_config(run)
@@ -92,10 +93,12 @@ def load_run(run: str | Path) -> LlamaForCausalLM:
         state = load_file(run / WEIGHTS)
     except Exception as exc:
         raise SpinQuantError(f"cannot read {run / WEIGHTS} (corrupt?): {exc}") from exc
-    config = LlamaConfig.from_json_file(run / "config.json")
+    config = AutoConfig.from_pretrained(run)
+    arch = architecture_of(config, str(run))
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        model = arch.model_class(config)
+    parent, attr = arch.rotary.rsplit(".", 1)
+    setattr(model.get_submodule(parent), attr, type(model.get_submodule(arch.rotary))(config=config))  # buffers off meta
     float_state = {k: v for k, v in state.items() if k.endswith(".weight")}
     # quantized tensors stay on the meta device (no float32 placeholder of the whole model): set_quantized and
     # set_embedding_quantized below replace them by their integers and scales; one left on meta is an error

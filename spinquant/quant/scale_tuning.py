@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM
 
+from spinquant.architectures import architecture_of
 from spinquant.errors import SpinQuantError
 from spinquant.kl_loss import chunked_kl
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
@@ -62,15 +62,16 @@ class ScaleTuningConfig:
                                  "0): give --tune-scales-steps N (N > 0), or drop --tune-norms")
 
 
-def tunable_linears(model: LlamaForCausalLM) -> list[tuple[str, QuantLinear]]:
+def tunable_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     """The quantized linears whose scales are tuned: every QuantLinear fixed to integers (block linears, output layer)."""
     return [(name, lin) for name, lin in quant_linears(model) if lin.weight_mode == "fixed"]
 
 
-def tunable_norms(model: LlamaForCausalLM) -> list[tuple[str, nn.Module]]:
-    """The RMSNorms whose weights ``norms`` tunes: each layer's input / post-attention norm, then the final norm."""
-    return [(name, mod) for name, mod in model.named_modules()
-            if name.endswith(("input_layernorm", "post_attention_layernorm")) or name == "model.norm"]
+def tunable_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The RMSNorms whose weights ``norms`` tunes: each layer's norms that feed linears (the map's), then the final norm."""
+    arch = architecture_of(model.config)
+    names = [f"{arch.layers}.{i}.{norm}" for i in range(len(arch.decoder_layers(model))) for norm in arch.norm_readers()]
+    return [(name, model.get_submodule(name)) for name in names + [arch.final_norm]]
 
 
 class _LogScaled(nn.Module):
@@ -90,8 +91,8 @@ def _relative_change(log_offsets: list[torch.Tensor]) -> dict[str, float]:
     return {"mean": change.mean().item(), "max": change.max().item()}
 
 
-def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: torch.Tensor, cfg: ScaleTuningConfig,
-                progress: bool = True) -> LlamaForCausalLM:
+def tune_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: ScaleTuningConfig,
+                progress: bool = True) -> nn.Module:
     """Tune the scales of ``model``'s fixed linears in place (module docstring); returns ``model``.
 
     ``teacher``: a float model of the same function (the original, or the rotated float copy) on the same device.
@@ -109,6 +110,7 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
     device = named[0][1].scales.device
     teacher.requires_grad_(False)
     amp = device.type == "cuda"
+    arch = architecture_of(model.config)
     thetas = []
     for _, lin in named:
         lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
@@ -127,9 +129,10 @@ def tune_scales(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: tor
         for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
             ids = windows[step : step + 1].to(device)
             with torch.no_grad():
-                teacher_hidden = teacher.model(ids, use_cache=False).last_hidden_state[:, :-1]
-            hidden = model.model(ids, use_cache=False).last_hidden_state[:, :-1]
-            loss = chunked_kl(model.lm_head, teacher.lm_head, hidden, teacher_hidden, amp) / hidden.shape[1]
+                teacher_hidden = teacher.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
+            hidden = model.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
+            loss = chunked_kl(model.get_submodule(arch.head), teacher.get_submodule(arch.head), hidden, teacher_hidden,
+                              amp) / hidden.shape[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
