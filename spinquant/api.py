@@ -22,11 +22,11 @@ from spinquant.data import calibration_windows, resolve_calibration
 from spinquant.errors import SpinQuantError
 from spinquant.formats import load_model, try_load_tokenizer
 from spinquant.formats.hf import untie_embeddings
-from spinquant.formats.rbin import load_rbin, save_rbin
+from spinquant.formats.rbin import save_rbin
 from spinquant.formats.run_dir import save_run
-from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.fusion import fuse_and_rotate
 from spinquant.outputs import claim_output, record_owner
-from spinquant.pipeline import export_run, probe_ids, resolve_device, rotations_file, tuning_calibration
+from spinquant.pipeline import export_run, probe_ids, resolve_device, resolve_rotations, tuning_calibration
 from spinquant.quant.apply import quantize_model
 from spinquant.quant.scale_tuning import tune_scales
 from spinquant.targets import get_target
@@ -69,12 +69,7 @@ def quantize(model: str | os.PathLike | torch.nn.Module, recipe: str | None = No
     if not target.quantizes:
         raise SpinQuantError(f"target {target.name} does not quantize: use spinquant.calibrate for it")
     r4 = resolve_r4(opts.r4, float_model.config.intermediate_size, target, pte=True)[0] == "on"
-    if rotations == "hadamard":
-        rot = Rotations.random_hadamard(float_model, opts.seed, r4=r4)
-    elif rotations == "none":
-        rot = None
-    else:
-        rot = load_rbin(rotations_file(rotations), r4=r4)
+    rot = resolve_rotations(rotations, float_model, opts.seed, r4)
     qmodel = copy.deepcopy(float_model)
     if rot is not None:
         fuse_and_rotate(qmodel, rot)

@@ -136,7 +136,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_rotations(spec: str, model, seed: int, r4: bool = True) -> Rotations | None:
     """'none' -> None; 'hadamard' -> seeded random Hadamard R1/R2 (+ R4 if ``r4``); a path -> its R.bin (+ R4 if ``r4``)."""
-
     if spec == "none":
         return None
     if spec == "hadamard":

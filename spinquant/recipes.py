@@ -40,8 +40,9 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 DEFAULTS: dict[str, Any] = read_recipe("default")
-RECIPES: dict[str, dict[str, Any]] = {"meta": {k: v for k, v in read_recipe("meta").items() if k not in META_KEYS}}
-RECIPE_TEXT = {"meta": read_recipe("meta")["description"]}
+_META = read_recipe("meta")
+RECIPES: dict[str, dict[str, Any]] = {"meta": {k: v for k, v in _META.items() if k not in META_KEYS}}
+RECIPE_TEXT = {"meta": _META["description"]}  # the pinned recipes' one-line descriptions, for the report
 
 
 def flag(name: str) -> str:
