@@ -86,6 +86,11 @@ class Architecture:
     def decoder_layers(self, model) -> Any:
         return model.get_submodule(self.layers)
 
+    def norms(self, model) -> list[tuple[str, Any]]:
+        """(path, module) of every RMSNorm that feeds linears: each layer's (the map's ``norm``s), then the final one."""
+        names = [f"{self.layers}.{i}.{n}" for i in range(len(self.decoder_layers(model))) for n in self.norm_readers()]
+        return [(name, model.get_submodule(name)) for name in names + [self.final_norm]]
+
     def block_linears(self) -> tuple[str, ...]:
         return tuple(lin.name for lin in self.linears)
 

@@ -34,10 +34,6 @@ ROOT_KEYS = ("out_root", "shared_root")  # batch-level keys of ``defaults:``, no
 # --- the YAML file -----------------------------------------------------------------------------------
 
 
-def _option_names() -> list[str]:
-    return CalibrateOptions.names()
-
-
 def _is_local_path(value: str, key: str, base: Path) -> bool:
     """Whether a relative YAML value names a local path (resolved against ``base``) rather than a hub id or a
     bundled set: ``out`` always; ``model``/data values only if they exist there or start with ./ or ../."""
@@ -109,7 +105,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
     defaults = dict(defaults)
     base = p.parent.absolute()
     roots = _Roots(path, defaults, base)
-    valid = set(_option_names()) | {"models_glob"} | set(RENAMED)
+    valid = set(CalibrateOptions.names()) | {"models_glob"} | set(RENAMED)
     jobs: list[dict[str, Any]] = []
     for i, entry in enumerate(doc["jobs"]):
         where = f"{path}: job {i + 1}"
@@ -120,7 +116,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
         if unknown:
             hint = " (out_root and shared_root belong in defaults:)" if set(unknown) & set(ROOT_KEYS) else ""
             raise SpinQuantError(f"{path}: unknown option(s) {', '.join(unknown)} in job {i + 1}{hint}; options are calibrate's "
-                                 f"flags with underscores: {', '.join(_option_names())}")
+                                 f"flags with underscores: {', '.join(CalibrateOptions.names())}")
         relative: dict[str, str] = {}  # option -> the relative path as written (checked against shared storage)
         for key, value in merged.items():
             if key == "models_glob":

@@ -76,13 +76,8 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-def _norms(model: nn.Module, arch: Architecture) -> list[nn.Module]:
-    return [model.get_submodule(arch.final_norm)] + [layer.get_submodule(n) for layer in arch.decoder_layers(model)
-                                                     for n in arch.norm_readers()]
-
-
 def norms_are_fused(model: nn.Module) -> bool:
-    return all(bool((n.weight == 1).all()) for n in _norms(model, architecture_of(model.config)))
+    return all(bool((n.weight == 1).all()) for _, n in architecture_of(model.config).norms(model))
 
 
 SCALE_KINDS = ("attn_in", "mlp_in", "v_out", "up_out")

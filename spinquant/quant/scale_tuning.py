@@ -69,9 +69,7 @@ def tunable_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 def tunable_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The RMSNorms whose weights ``norms`` tunes: each layer's norms that feed linears (the map's), then the final norm."""
-    arch = architecture_of(model.config)
-    names = [f"{arch.layers}.{i}.{norm}" for i in range(len(arch.decoder_layers(model))) for norm in arch.norm_readers()]
-    return [(name, model.get_submodule(name)) for name in names + [arch.final_norm]]
+    return architecture_of(model.config).norms(model)
 
 
 class _LogScaled(nn.Module):
