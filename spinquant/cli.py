@@ -114,8 +114,18 @@ def cli() -> None:
 
 
 def r4_option(fn):
+    """``--r4 auto|on|off``, and ``--no-r4`` (hidden), the on/off flag's spelling kept for scripts: ``--r4 off``."""
+    @functools.wraps(fn)
+    def with_no_r4(*args: Any, no_r4: bool = False, **kwargs: Any) -> Any:
+        if no_r4:
+            if kwargs["r4"] == "on":
+                raise click.UsageError("--no-r4 contradicts --r4 on")
+            kwargs["r4"] = "off"
+        return fn(*args, **kwargs)
+
+    with_no_r4 = click.option("--no-r4", "no_r4", is_flag=True, hidden=True, help="The same as --r4 off.")(with_no_r4)
     return click.option("--r4", "r4", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                        help=R4_HELP)(fn)
+                        help=R4_HELP)(with_no_r4)
 
 
 def _r4_on(choice: str, model_src: str) -> tuple[bool, str | None]:
@@ -293,7 +303,8 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
 @click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks).")
 @click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
 @click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--max-angle", type=float, default=None, help=MAX_ANGLE_HELP + " [default: no cap, Meta's plain step].")
+@click.option("--max-angle", type=float, default=DEFAULTS["max_angle"], show_default=True,
+              help=MAX_ANGLE_HELP + " The default recipe's cap, as in calibrate; 0: no cap (Meta's plain step).")
 @click.option("--scales/--no-scales", default=False, show_default=True, help="Also learn per-channel scales jointly with R1/R2 "
               "(norm -> q/k/v and gate/up, v -> o per head channel, up -> down), fused into the norm weights and linears "
               "the checkpoint already has; written as scales.safetensors beside R.bin. Learn them against int4 weights "
@@ -325,7 +336,7 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
     r4_on, note = _r4_on(r4, model_src)
     cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, w_bits=w_bits,
                       group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=r4_on, max_angle=max_angle, scales=scales, scale_lr=scale_lr,
+                      save_every=save_every, r4=r4_on, max_angle=max_angle or None, scales=scales, scale_lr=scale_lr,
                       scale_init=scale_init)
 
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
@@ -333,6 +344,9 @@ def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen,
     if s.get("finished") and s.get("rank", 0) == 0:
         click.echo(f"wrote {out_dir}/R.bin{' + scales.safetensors' if scales else ''} after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
                    f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
+    if s.get("held_out", {}).get("kept") == "start" and s.get("rank", 0) == 0:
+        click.echo(f"R.bin holds the random-Hadamard start (learning made the held-out loss worse); the learned rotations: "
+                   f"{out_dir}/learned/R.bin")
     if note and s.get("rank", 0) == 0:
         click.echo(note, err=True)
 

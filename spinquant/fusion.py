@@ -204,20 +204,21 @@ def apply_rotations(model: nn.Module, rot: Rotations) -> nn.Module:
         rotate_input_(model.get_submodule(arch.head).weight.data, r1)
     if rot.r2 and len(rot.r2) != len(layers):
         raise SpinQuantError(f"{len(rot.r2)} R2 matrices for a model with {len(layers)} layers")
+    rows = arch.output_rows(cfg)
     for i, layer in enumerate(layers):
         if rot.r1 is not None:
             for name in arch.rotated("R1", "input"):
                 rotate_input_(layer.get_submodule(name).weight.data, r1)
             for name in arch.rotated("R1", "output"):
-                w = layer.get_submodule(name).weight
-                w.copy_(rotate_output(w, r1))
+                for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
+                    t.copy_(rotate_output(t, r1))
         if rot.r2:
             r2 = rot.r2[i].double()
             _check_shape(f"R2 of layer {i}", r2, hd)
             for name in arch.rotated("R2", "output"):  # per kv head: (n_kv, hd, in)
-                w = layer.get_submodule(name).weight
-                heads = w.double().view(-1, hd, w.shape[1])
-                w.copy_(torch.einsum("ji,hjd->hid", r2.to(w.device), heads).reshape(w.shape).to(w.dtype))
+                for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
+                    heads = t.double().view(-1, hd, t.shape[1])
+                    t.copy_(torch.einsum("ji,hjd->hid", r2.to(t.device), heads).reshape(t.shape).to(t.dtype))
             for name in arch.rotated("R2", "input"):  # per attention head: (out, n_heads, hd)
                 w = layer.get_submodule(name).weight
                 w.copy_((w.double().view(w.shape[0], -1, hd) @ r2.to(w.device)).reshape(w.shape).to(w.dtype))
@@ -233,6 +234,16 @@ def apply_rotations(model: nn.Module, rot: Rotations) -> nn.Module:
     return model
 
 
+def _output_tensors(linear: nn.Module, rows: slice | None) -> list[torch.Tensor]:
+    """The (out, in) weight and, if any, the (out, 1) bias of ``linear`` (views): the tensors an output-side transform
+    acts on, restricted to ``rows`` for a fused linear."""
+    sl = rows or slice(None)
+    tensors = [linear.weight.data[sl]]
+    if linear.bias is not None:
+        tensors.append(linear.bias.data[sl, None])
+    return tensors
+
+
 def per_head_scales(v_out: torch.Tensor, hd: int, n_heads: int) -> torch.Tensor:
     """(n_heads, hd): the v_out scales (n_kv_heads * hd,) each attention head's output carries; head h reads kv head
     h // (n_heads / n_kv_heads), as transformers' repeat_kv. Differentiable."""
@@ -245,9 +256,11 @@ def _apply_layer_scales(layer: nn.Module, arch: Architecture, scales: ChannelSca
     hd = head_dim(cfg)
     for pair in arch.scales:
         s = getattr(scales, pair.kind)[i].double()
-        producer = layer.get_submodule(pair.producer).weight  # a norm's weight (n,) or a linear's rows (n, in)
-        shape = (-1,) + (1,) * (producer.dim() - 1)
-        producer.copy_((producer.double() * s.to(producer.device).view(shape)).to(producer.dtype))
+        module = layer.get_submodule(pair.producer)  # a norm's weight (n,) or a linear's rows (n, in) and bias (n,)
+        for producer in (module.weight, getattr(module, "bias", None)):
+            if producer is not None:
+                shape = (-1,) + (1,) * (producer.dim() - 1)
+                producer.data.copy_((producer.double() * s.to(producer.device).view(shape)).to(producer.dtype))
         divisor = per_head_scales(s, hd, cfg.num_attention_heads).reshape(-1) if pair.per_head else s
         for name in pair.consumers:
             w = layer.get_submodule(name).weight.data

@@ -120,8 +120,8 @@ def _paley_base(m: int) -> torch.Tensor | None:
     return None
 
 
-def _split(n: int) -> tuple[int, int] | None:
-    """(m, 2**k) with n == m * 2**k and a known size-m Hadamard matrix, largest 2**k first."""
+def hadamard_factors(n: int) -> tuple[int, int] | None:
+    """(m, 2**k) with n == m * 2**k and a known size-m Hadamard matrix, largest 2**k first; None if there is none."""
     if n < 1:
         return None
     k = (n & -n).bit_length() - 1
@@ -134,7 +134,7 @@ def _split(n: int) -> tuple[int, int] | None:
 
 def is_supported_size(n: int) -> bool:
     """True if :func:`hadamard_matrix` can build an ``n x n`` Hadamard matrix."""
-    return _split(n) is not None
+    return hadamard_factors(n) is not None
 
 
 def executorch_computes(n: int) -> bool:
@@ -175,7 +175,7 @@ def hadamard_matrix(n: int, what: str = "a rotation") -> torch.Tensor:
     For n a power of two this is exactly ExecuTorch's ``fast_hadamard_transform`` matrix.
     Raises SpinQuantError naming n (and ``what`` needs it) when no construction is known.
     """
-    split = _split(n)
+    split = hadamard_factors(n)
     if split is None:
         raise _unsupported(n, what)
     m, p2 = split
@@ -205,7 +205,7 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
 def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """x @ hadamard_matrix(n) along the last dim, in O(n (log n + m)) per row, dtype preserved."""
     n = x.shape[-1] if n is None else n
-    split = _split(n)
+    split = hadamard_factors(n)
     if split is None:
         raise _unsupported(n, "an online Hadamard transform")
     m, p2 = split

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from spinquant.architectures import architecture_of
 from spinquant.atomic import atomic_dir, publish_mode, remove_stale_partials
 from spinquant.data import calibration_windows
 from spinquant.errors import SpinQuantError
@@ -36,7 +38,8 @@ from spinquant.pte import PteModel, run_export_llama
 from spinquant.quant.apply import quantize_model
 from spinquant.quant.scale_tuning import tune_scales
 from spinquant.quant.scheme import QuantScheme
-from spinquant.rotation import REMOVED_OPTIONS, RotationLearner, initial_scales, later_option_defaults, prepare_model, write_outputs
+from spinquant.rotation import (LEARNED_DIR, REMOVED_OPTIONS, RotationLearner, initial_scales, later_option_defaults,
+                                prepare_model, write_outputs)
 
 
 
@@ -372,6 +375,11 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     model = load_run(run)
     mode = check_exportable(model, scheme)
     max_seq_len = min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))
+    if (model.config.rope_parameters or {}).get("rope_type") == "longrope":
+        # ExecuTorch picks LongRoPE's long factors for every position once its cache exceeds the original context;
+        # transformers picks them per call by its length: within the original context both use the short factors
+        max_seq_len = min(max_seq_len, int(model.config.rope_parameters.get("original_max_position_embeddings")
+                                           or model.config.original_max_position_embeddings))
     make_pte = pte and mode in PREQ_MODES
     if make_pte:
         check_executorch_rope(model.config, str(run))
@@ -413,7 +421,7 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
             kl_quant = quantization_kl(run, ours, windows)
             result["export"] = run_export_llama(stage, stage / "model.pte", mode, scheme.group, spin,
                                                 cfg.bos_token_id, eos, max_seq_len, full_logits, log_file=stage / "export_llama.log",
-                                                runtime=runtime)
+                                                runtime=runtime, model=architecture_of(cfg).executorch_model)
             pte_model = PteModel(stage / "model.pte")
             metrics = compare_logits(ours, pte_model, windows)
             del pte_model
@@ -472,6 +480,28 @@ def learn_identity(model_src: str, cfg, calib, tokenizer_src: str | None) -> dic
     return {"model": resolve_input(model_src), "config": config, "calibration": asdict(calib), "tokenizer": resolve_input(tokenizer_src)}
 
 
+HELD_OUT_WINDOWS = 8
+
+
+def held_out_check(learner: RotationLearner, calib, tokenizer: Any) -> dict[str, Any]:
+    """The learning loss of the start and of the learned rotations on HELD_OUT_WINDOWS calibration windows learning
+    never trained on (the next start positions of the same seeded draw, so distinct from every learning window);
+    ``kept`` says which R.bin holds. Learning that made the held-out loss worse keeps its start, said in one line."""
+    try:
+        more = calibration_windows(replace(calib, nsamples=calib.nsamples + HELD_OUT_WINDOWS), tokenizer)
+    except SpinQuantError:
+        return {"kept": "learned", "skipped": "the calibration text has no room for held-out windows"}
+    windows = more[calib.nsamples:]
+    start, learned = learner.loss_on(windows, start=True), learner.loss_on(windows)
+    kept = "learned" if learned <= start else "start"
+    if kept == "start" and learner.rank == 0:
+        print(f"[spinquant] warning: the learned rotations are worse than their random-Hadamard start on "
+              f"{len(windows)} held-out calibration windows (loss {learned:.4f} vs {start:.4f}): R.bin keeps the start, "
+              f"the learned ones are in {LEARNED_DIR}/R.bin (fewer steps, a lower --lr or --max-angle may help)",
+              file=sys.stderr, flush=True)
+    return {"windows": int(windows.shape[0]), "start_loss": start, "learned_loss": learned, "kept": kept}
+
+
 def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "auto", tokenizer_src: str | None = None,
                     progress: bool = True, stop_after: int | None = None, overwrite: bool = False,
                     claim: bool = True) -> dict[str, Any]:
@@ -517,12 +547,18 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     learner.run(stop_after=stop_after)
     summary: dict[str, Any] = {"steps": learner.step, "resumed_from": resumed_from, "finished": learner.step >= cfg.steps,
                                "rank": learner.rank}
+    if summary["finished"]:
+        summary["held_out"] = held_out_check(learner, calib, tokenizer)
     if learner.rank == 0 and summary["finished"]:
         tmp = Path(tempfile.mkdtemp(prefix=".learn.partial-", dir=out))
         try:
-            summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev)}))
+            keep_start = summary["held_out"].get("kept") == "start"
+            summary.update(write_outputs(learner, tmp, {"model": model_src, "calibration": {**calib.__dict__}, "device": str(dev),
+                                                        "held_out": summary["held_out"]}, keep_start=keep_start))
             publish_mode(tmp)
-            for name in (SCALES_FILE, "R.bin", "losses.json", "learning_curve.png"):  # the scales before the R.bin they go with
+            if (out / LEARNED_DIR).is_dir():
+                shutil.rmtree(out / LEARNED_DIR)  # this output's own earlier copy: replaced (or gone) with the new R.bin
+            for name in (SCALES_FILE, "R.bin", "losses.json", "learning_curve.png", LEARNED_DIR):  # scales before their R.bin
                 if (tmp / name).exists():
                     (tmp / name).replace(out / name)
         finally:

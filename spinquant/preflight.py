@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spinquant.architectures import head_dim
+from spinquant.architectures import architecture_of, head_dim
 from spinquant.data import local_data_files
 from spinquant.errors import SpinQuantError
 from spinquant.formats import describe_source, load_config, try_load_tokenizer
@@ -50,12 +50,15 @@ def check_tokenizer_vocab(tokenizer: Any, config: Any, where: str) -> None:
 
 
 def executorch_rope_problem(config: Any) -> str | None:
-    """Why ExecuTorch's Llama (rope.py: llama3 scaling with low_freq_factor 1, original context 8192 and integer
-    factors, or no scaling) cannot compute this model's RoPE; None when it can."""
+    """Why ExecuTorch's Transformer cannot compute this model's positions (rope.py: llama3 scaling with low_freq_factor
+    1, original context 8192 and integer factors, no scaling, or LongRoPE on the HF layout; sliding-window layers are
+    not written into params.json); None when it can."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return "sliding-window attention layers (which spinquant's ExecuTorch checkpoint does not describe)"
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if kind == "default":
-        return None
+    if kind == "default" or (kind == "longrope" and not architecture_of(config).interleaved_rope):
+        return None  # ExecuTorch's HF RoPE (use_hf_rope) computes LongRoPE (Phi-3/4)
     if kind != "llama3":
         return f"RoPE type '{kind}'"
     low, orig = float(rope.get("low_freq_factor", 1.0)), int(rope.get("original_max_position_embeddings", 8192))

@@ -27,8 +27,10 @@ RUNTIME_FLAGS = {"xnnpack": ["-X", "--xnnpack-extended-ops"]}  # export_llama's 
 
 
 def export_command(ckpt: Path, params: Path, out_pte: Path, mode: str, group_size: int, spin: bool, bos: int | None,
-                   eos: list[int], max_seq_len: int, full_logits: bool, runtime: str = "xnnpack") -> list[str]:
-    cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--model", "llama3_2",
+                   eos: list[int], max_seq_len: int, full_logits: bool, runtime: str = "xnnpack",
+                   model: str = "llama3_2") -> list[str]:
+    """export_llama's command line; ``model``: its --model (the family's, Architecture.executorch_model)."""
+    cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--model", model,
            "--checkpoint", str(ckpt), "--params", str(params), "-d", "fp32", *RUNTIME_FLAGS[runtime], "-kv",
            "--use_sdpa_with_kv_cache", "--preq_mode", mode, "--preq_group_size", str(group_size),
            "--preq_embedding_quantize", "8,0", "--max_seq_length", str(max_seq_len), "--max_context_length",
@@ -48,7 +50,7 @@ def export_command(ckpt: Path, params: Path, out_pte: Path, mode: str, group_siz
 
 def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, spin: bool, bos: int | None,
                      eos: list[int], max_seq_len: int = DEFAULT_MAX_SEQ_LEN, full_logits: bool = False,
-                     log_file: Path | None = None, runtime: str = "xnnpack") -> dict[str, Any]:
+                     log_file: Path | None = None, runtime: str = "xnnpack", model: str = "llama3_2") -> dict[str, Any]:
     """Run executorch's export_llama on ``ckpt_dir``'s checkpoint; write the .pte to ``out_pte``.
 
     The checkpoint is first linked into a fresh temp folder whose path holds neither "int8" nor
@@ -63,7 +65,7 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
         for name in ("consolidated.00.pth", "params.json"):
             os.symlink((ckpt_dir / name).resolve(), work / name)
         cmd = export_command(work / "consolidated.00.pth", work / "params.json", work / "model.pte", mode, group_size,
-                             spin, bos, eos, max_seq_len, full_logits, runtime)
+                             spin, bos, eos, max_seq_len, full_logits, runtime, model)
         t = time.perf_counter()
         print(f"[spinquant] running executorch's export_llama (minutes; log: {log_file or 'not kept'}) ...", file=sys.stderr, flush=True)
         proc = run_child(cmd, cwd=work)

@@ -63,6 +63,7 @@ from spinquant.rotation_gptq import collect_hessians, gptq_integers
 from spinquant.smoothing import smooth_scales
 
 STATE_FILE = "learn_state.pt"
+LEARNED_DIR = "learned"  # where the learned rotations go when the start is kept (write_outputs)
 LOSS_CHUNK_POSITIONS = 256  # positions whose full-vocabulary logits exist at once while the loss is computed
 
 
@@ -169,31 +170,40 @@ def hadamard_start(config, seed: int) -> Rotations:
 
 
 def rotated_weights(arch: Architecture, base: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor, n_layers: int,
-                    hd: int, scales: dict[str, torch.Tensor] | None = None,
-                    h4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The rotated weights of every linear the map names (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd)).
+                    hd: int, scales: dict[str, torch.Tensor] | None = None, h4: torch.Tensor | None = None,
+                    rows: dict[str, slice] | None = None) -> dict[str, torch.Tensor]:
+    """The rotated weights of every linear the map names (differentiable in r1 (dim, dim) and r2 (n_layers, hd, hd)),
+    and the biases ``base`` holds that an output-side transform moves.
 
     Per layer, in this order (the map says which linear gets what): input-side R1 ``W @ R1``; R2 on the output side
     per kv head ``R2ᵀ W_h`` and on the input side per attention head ``W_h R2``; the channel scales (``scales``,
     optional, differentiable, each (n_layers, channels), keyed by fusion.SCALE_KINDS: producers' rows multiplied,
     consumers' columns divided; the norm producers are the caller's, they scale activations); R4 ``W @ h4`` (only
     with scales: then ``base``'s R4 linears hold the weight before R4, and ``h4`` (inter, inter) is folded after
-    dividing its columns; None: no R4); output-side R1 ``R1ᵀ W``."""
+    dividing its columns; None: no R4); output-side R1 ``R1ᵀ W``. Output-side transforms act on a bias as on a
+    column of its rows, and on a fused linear's ``rows[name]`` only (:meth:`Architecture.output_rows`)."""
+    rows = rows or {}
     head = f"{arch.head}.weight"
     out = {head: base[head] @ r1}
     linear_names = {lin.name for lin in arch.linears}
     for i in range(n_layers):
         p = f"{arch.layers}.{i}."
         w: dict[str, torch.Tensor] = {}
+        bias: dict[str, torch.Tensor] = {}  # the biases an output-side transform moved (the others stay the module's)
 
         def get(name: str) -> torch.Tensor:
             return w[name] if name in w else base[f"{p}{name}.weight"]
 
+        def output_side(name: str, fn) -> None:
+            w[name] = _on_rows(get(name), rows.get(name), fn)
+            b = bias.get(name, base.get(f"{p}{name}.bias"))
+            if b is not None:
+                bias[name] = _on_rows(b[:, None], rows.get(name), fn)[:, 0]
+
         for name in arch.rotated("R1", "input"):
             w[name] = base[f"{p}{name}.weight"] @ r1
         for name in arch.rotated("R2", "output"):
-            x = get(name)
-            w[name] = (r2[i].T @ x.view(-1, hd, x.shape[1])).reshape(x.shape)
+            output_side(name, lambda x: (r2[i].T @ x.reshape(-1, hd, x.shape[1])).reshape(x.shape))
         for name in arch.rotated("R2", "input"):
             x = get(name)
             w[name] = (x.view(x.shape[0], -1, hd) @ r2[i]).reshape(x.shape)
@@ -203,7 +213,7 @@ def rotated_weights(arch: Architecture, base: dict[str, torch.Tensor], r1: torch
             for pair in arch.scales:
                 s = scales[pair.kind][i] if pair.producer in linear_names else None
                 if s is not None:
-                    w[pair.producer] = get(pair.producer) * s[:, None]
+                    output_side(pair.producer, lambda x, s=s: x * s[:, None])
                 for name in pair.consumers:
                     x = get(name)
                     if pair.per_head:
@@ -215,10 +225,18 @@ def rotated_weights(arch: Architecture, base: dict[str, torch.Tensor], r1: torch
                 for name in arch.rotated("R4", "input"):
                     w[name] = get(name) @ h4
         for name in arch.rotated("R1", "output"):
-            w[name] = r1.T @ get(name)
+            output_side(name, lambda x: r1.T @ x)
         first = arch.rotated("R1", "input")  # insertion order as first recorded: the input-side R1 linears first
         out.update({f"{p}{name}.weight": get(name) for name in [*first, *(n for n in arch.block_linears() if n not in first)]})
+        out.update({f"{p}{name}.bias": b for name, b in bias.items()})
     return out
+
+
+def _on_rows(x: torch.Tensor, sl: slice | None, fn) -> torch.Tensor:
+    """``fn`` applied to rows ``sl`` of ``x`` (all rows when None), the other rows kept; differentiable."""
+    if sl is None:
+        return fn(x)
+    return torch.cat([x[: sl.start], fn(x[sl]), x[sl.stop :]])
 
 
 class RotationLearner:
@@ -242,18 +260,21 @@ class RotationLearner:
         config = model.config
         self.n_layers, self.hd = config.num_hidden_layers, head_dim(config)
         self.arch = arch = architecture_of(config)
-        names = [f"{arch.head}.weight"] + [f"{arch.layers}.{i}.{n}.weight" for i in range(self.n_layers)
-                                           for n in arch.block_linears()]
         params = dict(model.named_parameters())
+        names = [f"{arch.head}.weight"] + [f"{arch.layers}.{i}.{n}.{t}" for i in range(self.n_layers)
+                                           for n in arch.block_linears() for t in ("weight", "bias")
+                                           if f"{arch.layers}.{i}.{n}.{t}" in params]
         self.base = {n: params[n].detach().float() for n in names}
+        self.rows = arch.output_rows(config)
         self.embedding = params[f"{arch.embedding}.weight"].detach()
         modules = dict(model.named_modules())
-        self.linears = {n: modules[n[: -len(".weight")]] for n in names}
+        self.linears = {n: modules[n.rsplit(".", 1)[0]] for n in names}
         start = hadamard_start(config, cfg.seed)
         r1, r2 = start.r1.float(), torch.stack(start.r2).float()
         manifold = geoopt.CanonicalStiefel()
         self.r1 = geoopt.ManifoldParameter(r1.to(device), manifold=manifold)
         self.r2 = geoopt.ManifoldParameter(r2.to(device), manifold=manifold)
+        self.start_r1, self.start_r2 = self.r1.detach().clone(), self.r2.detach().clone()
         self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, stabilize=None)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
         self.log_scales: dict[str, torch.Tensor] = {}
@@ -261,6 +282,7 @@ class RotationLearner:
         self.norm_scale: dict[int, torch.Tensor] = {}  # id(norm module) -> the scale its output is multiplied by
         if cfg.scales:
             self._prepare_scales(model, initial_scales)
+        self.start_log_scales = {k: v.detach().clone() for k, v in self.log_scales.items()}
         self.step = 0
         self.losses: list[float] = []
         self.angles: list[list[float]] = []  # per step: [R1's angle, largest R2 angle] the gradient step asked for
@@ -400,29 +422,66 @@ class RotationLearner:
         """Summed KL(teacher || model) of one chunk of positions (hidden states (micro, t, dim) of both)."""
         return chunk_kl(self.model.get_submodule(self.arch.head), self.teacher.get_submodule(self.arch.head), h, teacher_h, amp=self.device.type == "cuda")
 
-    def accumulate_gradients(self, batch: torch.Tensor) -> float:
-        """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
-        cfg = self.cfg
-        self.opt.zero_grad(set_to_none=True)
-        scales = None
-        if self.log_scales:
-            self.scale_opt.zero_grad(set_to_none=True)
-            scales = {k: v.exp() for k, v in self.log_scales.items()}
-        rotated = rotated_weights(self.arch, self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4)
+    def _rotated(self) -> dict[Any, torch.Tensor]:
+        """The current rotated weights (and moved biases), plus the norm scales the hooks apply (with scales)."""
+        scales = {k: v.exp() for k, v in self.log_scales.items()} if self.log_scales else None
+        rotated = rotated_weights(self.arch, self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4, self.rows)
         if scales is not None:  # the norm halves of attn_in / mlp_in: leaves the norm hooks multiply by
             rotated.update({("norm", kind, i): scales[kind][i] for kind, i in self.scaled_norms})
-        leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
-        r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
+        return rotated
+
+    def _install(self, leaves: dict[Any, torch.Tensor]) -> None:
+        """Make the forward use ``leaves`` (weights, biases, norm scales; GPTQ's integers of them in the loop)."""
         for k, leaf in leaves.items():
             if isinstance(k, tuple):
                 self.norm_scale[id(self.scaled_norms[k[1:]])] = leaf
             else:
-                self.linears[k].weight_override = leaf
+                setattr(self.linears[k], "bias_override" if k.endswith(".bias") else "weight_override", leaf)
         if self.hessians is not None:
-            chosen = gptq_integers(self.arch, leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads, cfg.w_bits,
-                                   cfg.group_size, clip_search=True)
+            chosen = gptq_integers(self.arch, leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads,
+                                   self.cfg.w_bits, self.cfg.group_size, clip_search=True)
             for k, integers in chosen.items():
                 self.linears[k].weight_integers = integers
+
+    def _uninstall(self, leaves: dict[Any, torch.Tensor]) -> None:
+        self.norm_scale.clear()
+        for k in leaves:
+            if not isinstance(k, tuple):
+                self.linears[k].weight_override = self.linears[k].bias_override = None
+                self.linears[k].weight_integers = None
+
+    @torch.no_grad()
+    def loss_on(self, windows: torch.Tensor, start: bool = False) -> float:
+        """Mean loss of the current rotations (``start``: of the rotations and scales learning started from) on
+        ``windows`` (n, seqlen), no gradient, no step: the held-out check of :func:`spinquant.pipeline.learn_rotations`."""
+        saved = [self.r1.clone(), self.r2.clone(), {k: v.clone() for k, v in self.log_scales.items()}]
+        if start:
+            self.r1.copy_(self.start_r1)
+            self.r2.copy_(self.start_r2)
+            for k, v in self.log_scales.items():
+                v.copy_(self.start_log_scales[k])
+        leaves = self._rotated()
+        self._install(leaves)
+        try:
+            total = sum(self._micro_loss(self.r1, w[None].to(self.device)).item() for w in windows)
+        finally:
+            self._uninstall(leaves)
+            self.r1.copy_(saved[0])
+            self.r2.copy_(saved[1])
+            for k, v in self.log_scales.items():
+                v.copy_(saved[2][k])
+        return total / windows.shape[0]
+
+    def accumulate_gradients(self, batch: torch.Tensor) -> float:
+        """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        if self.log_scales:
+            self.scale_opt.zero_grad(set_to_none=True)
+        rotated = self._rotated()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
+        r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
+        self._install(leaves)
         total = 0.0
         try:
             micro = [batch[i : i + cfg.micro_batch] for i in range(0, batch.shape[0], cfg.micro_batch)]
@@ -433,11 +492,7 @@ class RotationLearner:
                 loss.backward()
                 total += loss.item()
         finally:
-            self.norm_scale.clear()
-            for k in leaves:
-                if not isinstance(k, tuple):
-                    self.linears[k].weight_override = None
-                    self.linears[k].weight_integers = None
+            self._uninstall(leaves)
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in rotated]
         torch.autograd.backward(list(rotated.values()), grads)
         if r1_leaf.grad is not None:
@@ -492,6 +547,14 @@ class RotationLearner:
         if self.log_scales:
             scales = ChannelScales(**{k: [row.detach().double().exp().cpu() for row in v] for k, v in self.log_scales.items()})
         return Rotations(r1=r1, r2=r2, r4=self.cfg.r4, scales=scales)
+
+    def start_rotations(self) -> Rotations:
+        """The rotations (and channel scales) learning started from: the seeded random Hadamard, float64."""
+        start = hadamard_start(self.model.config, self.cfg.seed)
+        scales = None
+        if self.start_log_scales:
+            scales = ChannelScales(**{k: [row.double().exp().cpu() for row in v] for k, v in self.start_log_scales.items()})
+        return Rotations(r1=start.r1, r2=start.r2, r4=self.cfg.r4, scales=scales)
 
 
 def step_angles(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
@@ -553,10 +616,17 @@ def plot_learning_curve(losses: list[float], path: Path, title: str = "", loss: 
     plt.close(fig)
 
 
-def write_outputs(learner: RotationLearner, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """R.bin, losses.json and learning_curve.png into ``out`` (the caller makes ``out`` atomic)."""
+def write_outputs(learner: RotationLearner, out: Path, extra: dict[str, Any] | None = None,
+                  keep_start: bool = False) -> dict[str, Any]:
+    """R.bin, losses.json and learning_curve.png into ``out`` (the caller makes ``out`` atomic). ``keep_start``: R.bin
+    holds the start rotations and ``learned/R.bin`` the learned ones (learning made the held-out loss worse)."""
     rot = learner.rotations()
-    save_rbin(rot, out / "R.bin")
+    if keep_start:
+        save_rbin(learner.start_rotations(), out / "R.bin")
+        (out / LEARNED_DIR).mkdir()
+        save_rbin(rot, out / LEARNED_DIR / "R.bin")
+    else:
+        save_rbin(rot, out / "R.bin")
     tokens = learner.cfg.batch_size * learner.windows.shape[1]
     summary = {"losses": learner.losses, "step_angles": learner.angles, "steps": learner.step, "seconds": learner.seconds,
                "steps_per_s": learner.step / learner.seconds if learner.seconds else None,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from spinquant.architectures import LLAMA, architecture_of
 from spinquant.atomic import atomic_dir, atomic_file, remove_stale_partials
 from spinquant.data import calibration_windows, resolve_calibration
 from spinquant.errors import SpinQuantError
@@ -355,6 +356,9 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     if describe_source(opts.model) == "run":
         raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
     config, tokenizer = check_model(opts.model, opts.tokenizer)
+    if target.exporter == "float-rotated" and architecture_of(config) is not LLAMA:
+        raise SpinQuantError(f"target {target.name} writes a float Llama (Meta) checkpoint for Qualcomm's Llama runner; "
+                             f"{config.model_type} models have no such checkpoint: use an xnnpack target")
     if target.quantizes:
         target.scheme.check_model(config)
     check_rotation_sizes(config, r4=opts.r4 == "on", executorch_r4=pte)

@@ -307,7 +307,40 @@ def test_max_angle_is_checked_and_reaches_calibrate_and_learn_rotations(tiny_mod
     assert summary["config"]["max_angle"] == 0.01
     assert max(a for step in summary["step_angles"] for a in step) > 0.01  # lr 20 asks for more than the cap...
     start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
-    moved = _turn_angle(start.r1, load_rbin(out / "R.bin").r1)
+    learned = out / "learned" / "R.bin" if summary["held_out"]["kept"] == "start" else out / "R.bin"  # (random model: noise)
+    moved = _turn_angle(start.r1, load_rbin(learned).r1)
     assert 0 < moved <= 3 * 0.01 + 1e-6  # ...and three capped steps turned R1 by at most 3 x the cap
 
 
+def test_learning_that_worsens_the_held_out_loss_keeps_its_start(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """Learning that went wrong (simulated: its channel scales thrown far off after the last step) is caught on windows
+    learning never saw: R.bin (and scales) keep the random-Hadamard start, learned/ holds the learned ones, one line
+    says so. A run that helps keeps what it learned and leaves no learned/ folder."""
+    args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--nsamples", "4",
+            "--seqlen", "48", "--steps", "2", "--batch-size", "2", "--w-bits", "4", "--a-bits", "4", "--loss", "kl", "--scales"]
+    good = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "good")])
+    assert good.exit_code == 0, good.output
+    held = json.loads((tmp_path / "good" / "losses.json").read_text())["held_out"]
+    assert held["windows"] == 8 and held["kept"] == ("learned" if held["learned_loss"] <= held["start_loss"] else "start")
+    assert (tmp_path / "good" / "learned").exists() == (held["kept"] == "start")
+
+    run = RotationLearner.run
+
+    def diverging_run(self, stop_after=None):
+        run(self, stop_after)
+        with torch.no_grad():
+            for v in self.log_scales.values():
+                v.copy_(torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) * 3)
+
+    monkeypatch.setattr(RotationLearner, "run", diverging_run)
+    out = tmp_path / "bad"
+    r = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    held = json.loads((out / "losses.json").read_text())["held_out"]
+    assert held["kept"] == "start" and held["learned_loss"] > 5 * held["start_loss"]
+    assert "worse than their random-Hadamard start" in r.output and "learned/R.bin" in r.output
+    start = Rotations.random_hadamard(load_model(tiny_model_dir), 0)
+    kept, learned = load_rbin(out / "R.bin"), load_rbin(out / "learned" / "R.bin")
+    assert (kept.r1 - start.r1).abs().max() < 1e-6 and max((a - b).abs().max() for a, b in zip(kept.r2, start.r2)) < 1e-6
+    assert all(torch.allclose(s, torch.ones_like(s)) for s in kept.scales.up_out)  # the start's scales: 1
+    assert max(s.log().abs().max() for s in learned.scales.up_out) > 3

@@ -99,5 +99,12 @@ def try_load_tokenizer(model_src: str, tokenizer_src: str | None = None) -> Any 
         return load_tokenizer(tokenizer_src)
     try:
         return load_tokenizer(model_src, model_src)
-    except SpinQuantError:
+    except SpinQuantError as exc:
+        present = [f for f in TOKENIZER_FILES if (Path(model_src).expanduser() / f).is_file()]
+        if present:  # the files are there but do not load: say which, rather than "has no tokenizer"
+            raise SpinQuantError(f"the tokenizer of {model_src} ({', '.join(present)}) is corrupt or truncated: "
+                                 f"{exc.__cause__ or exc}; restore the model's own tokenizer files or pass --tokenizer DIR") from exc
         return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

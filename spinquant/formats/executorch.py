@@ -21,7 +21,7 @@ from spinquant.architectures import architecture_of
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import has_online_r4
 from spinquant.hadamard import executorch_computes
-from spinquant.formats.meta import HF_TO_META_LAYER, meta_params_from_config, permute_rope_rows
+from spinquant.formats.meta import meta_params_from_config, permute_rope_rows
 from spinquant.quant.scheme import FLOAT, GROUP_SIZES, QuantScheme
 
 CHECKPOINT = "consolidated.00.pth"
@@ -48,6 +48,14 @@ def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
                              f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --r4 off (the default "
                              f"--r4 auto does this)")
+    arch = architecture_of(model.config)
+    layer = arch.decoder_layers(model)[0]
+    qkv = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj"}
+    biased = [lin.name for lin in arch.linears if getattr(layer.get_submodule(lin.name), "bias", None) is not None]
+    if set(biased) - qkv:
+        raise SpinQuantError(f"{', '.join(sorted(set(biased) - qkv))} has a bias: ExecuTorch's Transformer takes biases on "
+                             f"q/k/v only (attention_qkv_bias), so this model has no ExecuTorch checkpoint; its quantized "
+                             f"run stays usable (spinquant eval)")
     missing = [n for n, m in model.named_modules() if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight is None]
     if missing or getattr(model.get_submodule(architecture_of(model.config).embedding), "qweight", None) is None:
         raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "
@@ -58,7 +66,9 @@ def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
 
 
 def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, torch.Tensor]:
-    """The checkpoint dict (Meta names, float32 scales and norms, norm.weight first)."""
+    """The checkpoint dict (Meta names, float32 scales, norms and biases, norm.weight first). A fused linear is split
+    into one Meta linear per part (rows of its integers and scales: groups run along the input); q/k rows are
+    permuted to interleaved RoPE where the family's Meta layout has it (Llama), else params.json says use_hf_rope."""
     cfg = model.config
     arch = architecture_of(cfg)
     sd: dict[str, torch.Tensor] = {"norm.weight": model.get_submodule(arch.final_norm).weight.detach().float().clone()}
@@ -72,24 +82,70 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
         sd["output.zeros"] = torch.zeros_like(sd["output.scales"])
     else:
         sd["output.weight"] = head.weight.detach().float().clone()
+    layer_names = {k: v for k, v in arch.meta_names.items() if not k.startswith((f"{arch.backbone}.", arch.head))}
     for i, layer in enumerate(arch.decoder_layers(model)):
-        for hf, meta in HF_TO_META_LAYER.items():
+        for hf, meta in layer_names.items():
             mod = layer.get_submodule(hf)
-            key = f"layers.{i}.{meta}"
-            if hf.endswith("layernorm"):
-                sd[f"{key}.weight"] = mod.weight.detach().float().clone()
+            if not hasattr(mod, "qweight"):  # a norm: float weight
+                sd[f"layers.{i}.{meta}.weight"] = mod.weight.detach().float().clone()
                 continue
-            sd[f"{key}.weight"] = permute_rope_rows(hf, mod.qweight, cfg, to_meta=True).contiguous().clone()
-            sd[f"{key}.scales"] = permute_rope_rows(hf, mod.scales.float(), cfg, to_meta=True).contiguous().clone()
-            sd[f"{key}.zeros"] = torch.zeros_like(sd[f"{key}.scales"])
+            parts = (arch.part_rows(cfg, hf).values() if hf in arch.parts else [slice(None)])
+            metas = meta if isinstance(meta, tuple) else (meta,)
+            for name, rows in zip(metas, parts):
+                key, hf_part = f"layers.{i}.{name}", _hf_part_name(hf, name)
+
+                def meta_rows(t: torch.Tensor) -> torch.Tensor:
+                    t = t[rows]
+                    if arch.interleaved_rope:
+                        t = permute_rope_rows(hf_part, t, cfg, to_meta=True)
+                    return t.contiguous().clone()
+
+                sd[f"{key}.weight"] = meta_rows(mod.qweight)
+                sd[f"{key}.scales"] = meta_rows(mod.scales.float())
+                sd[f"{key}.zeros"] = torch.zeros_like(sd[f"{key}.scales"])
+                if mod.bias is not None:
+                    sd[f"{key}.bias"] = meta_rows(mod.bias.detach().float()[:, None])[:, 0].contiguous()
     return sd
+
+
+def _hf_part_name(hf: str, meta: str) -> str:
+    """The HF name RoPE permutation knows a (part of a) linear by: q_proj/k_proj for wq/wk."""
+    return {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj"}.get(meta, hf)
 
 
 def executorch_params(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, Any]:
     params = meta_params_from_config(model.config)
+    params.update(_family_params(model))
     params["quantization_args"] = {"scheme": "int4_weight_int8_dynamic_activation", "group_size": scheme.group,
                                    "spinquant": has_online_r4(model)}
     return params
+
+
+def _family_params(model: torch.nn.Module) -> dict[str, Any]:
+    """The ModelArgs fields that ExecuTorch's Transformer needs beyond Llama's, read off the model: HF RoPE layout,
+    partial rotary and LongRoPE factors, q/k/v biases, per-head q/k norms."""
+    cfg, arch = model.config, architecture_of(model.config)
+    out: dict[str, Any] = {}
+    if not arch.interleaved_rope:
+        out["use_hf_rope"] = True
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0
+    if partial != 1.0:
+        out["partial_rotary_factor"] = float(partial)
+    if rope.get("rope_type", rope.get("type")) == "longrope":
+        out.update(rope_scaling_short_factor=list(rope["short_factor"]), rope_scaling_long_factor=list(rope["long_factor"]),
+                   original_max_position_embeddings=int(rope.get("original_max_position_embeddings")
+                                                        or cfg.original_max_position_embeddings),
+                   max_position_embeddings=int(cfg.max_position_embeddings))
+        if rope.get("attention_factor") is not None:
+            out["rope_scaling_attention_factor"] = float(rope["attention_factor"])
+    layer = arch.decoder_layers(model)[0]
+    biased = [lin.name for lin in arch.linears if getattr(layer.get_submodule(lin.name), "bias", None) is not None]
+    if biased:
+        out["attention_qkv_bias"] = True
+    if "self_attn.q_norm" in arch.meta_names:
+        out.update(use_qk_norm=True, qk_norm_before_rope=True)
+    return out
 
 
 def write_executorch_checkpoint(model: torch.nn.Module, scheme: QuantScheme, out: Path) -> str:

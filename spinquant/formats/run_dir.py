@@ -4,7 +4,7 @@ Layout (all written atomically by the caller):
 - ``config.json``: the HF config of the (rotated) model; ``spinquant_online_r4`` marks the online R4.
 - ``quantized.safetensors``: for each quantized tensor ``NAME.qweight`` (int8, (out, in)) and
   ``NAME.scales`` (float32, (out, in/g), or (vocab,) for the embedding); every other tensor (norms,
-  float linears) as ``NAME.weight`` in float32. NAME is the HF module name (``model.layers.0.self_attn.q_proj``).
+  float linears, biases) under its own name in float32. NAME is the HF module name (``model.layers.0.self_attn.q_proj``).
 - ``quant_config.json``: the resolved scheme and method, rotation source, calibration, seeds,
   package versions and timings: everything needed to reproduce the run.
 - ``R.bin`` when rotated; the tokenizer files when the model had them.
@@ -58,8 +58,8 @@ def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.scales"] = mod.scales.contiguous()
             quantized_modules.add(name)
     for name, p in model.named_parameters():
-        module_name = name.rsplit(".", 1)[0]
-        if module_name not in quantized_modules:
+        module_name, kind = name.rsplit(".", 1)
+        if module_name not in quantized_modules or kind != "weight":  # a quantized linear's bias stays float
             state[name] = p.detach().float().contiguous()
     return state
 
@@ -99,7 +99,7 @@ def load_run(run: str | Path) -> torch.nn.Module:
         model = arch.model_class(config)
     parent, attr = arch.rotary.rsplit(".", 1)
     setattr(model.get_submodule(parent), attr, type(model.get_submodule(arch.rotary))(config=config))  # buffers off meta
-    float_state = {k: v for k, v in state.items() if k.endswith(".weight")}
+    float_state = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales"))}
     # quantized tensors stay on the meta device (no float32 placeholder of the whole model): set_quantized and
     # set_embedding_quantized below replace them by their integers and scales; one left on meta is an error
     model.load_state_dict(float_state, strict=False, assign=True)

@@ -1,9 +1,9 @@
-"""Fake-quantized Llama: the float model with every quantized tensor simulated exactly as ExecuTorch runs it.
+"""Fake-quantized model: the float model with every quantized tensor simulated exactly as ExecuTorch runs it.
 
 ``make_fake_quant(model, scheme)`` swaps, in place:
-- every block linear (q/k/v/o/gate/up/down) for a :class:`QuantLinear` (A: per-token activations of
-  ``scheme.a_bits``, W: ``scheme.w_bits`` per group), keeping down_proj's online Hadamard (R4) in front
-  of the activation quantizer, as ExecuTorch's FeedForward does;
+- every block linear the family's map names (Llama: q/k/v/o/gate/up/down) for a :class:`QuantLinear` (A: per-token
+  activations of ``scheme.a_bits``, W: ``scheme.w_bits`` per group, bias kept in float), keeping down_proj's online
+  Hadamard (R4) in front of the activation quantizer, as ExecuTorch's FeedForward does;
 - lm_head for a :class:`QuantLinear` (W8 per channel, A8 per token, torchao's default eps);
 - attention for the ``spinquant_sdpa`` function when the KV cache is quantized (per-token, per-head
   asymmetric K/V, with the R3 Hadamard on Q and K before it).
@@ -33,7 +33,7 @@ ATTN_IMPL = "spinquant_sdpa"
 
 
 class QuantLinear(nn.Module):
-    """``y = F.linear(Aq(R(x)), W)``: optional online rotation R, activation fake-quant Aq, weight W.
+    """``y = F.linear(Aq(R(x)), W, b)``: optional online rotation R, activation fake-quant Aq, weight W, float bias b.
 
     weight_mode: 'float' (W as is), 'dynamic' (W fake-quantized round-to-nearest on every forward, with
     STE: for learning rotations against a quantized-weight loss), 'fixed' (W = q * scales, integers set
@@ -41,8 +41,8 @@ class QuantLinear(nn.Module):
     holds no float weight (``weight`` is None): the forward dequantizes ``q * scales`` when it runs, so a
     quantized 1B model takes its int8 size in memory, not its float32 size (bit-identical to storing it).
     ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
-    ``weight_override``, when set, replaces ``weight`` in the forward (rotation learning feeds the
-    rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
+    ``weight_override`` (and ``bias_override``), when set, replace ``weight`` (``bias``) in the forward (rotation
+    learning feeds the rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
     ``weight_integers`` ('dynamic' mode only), when set to (q, scales), replaces round-to-nearest: the
     forward uses ``q * scales`` (rotation learning with GPTQ in the loop), the gradient is the STE plus
     the scale path (:func:`~spinquant.quant.primitives.fake_quant_weight_given_integers`).
@@ -54,9 +54,7 @@ class QuantLinear(nn.Module):
                  a_eps: float = EPS_8DA4W, a_clip: float = 1.0, input_rotation: OnlineHadamard | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        if linear.bias is not None:
-            raise ValueError("QuantLinear supports bias-free linears (Llama) only")
+        self.weight, self.bias = linear.weight, linear.bias  # the bias stays float (ExecuTorch's 8da4w linear adds it so)
         self.w_bits, self.group_size = w_bits, group_size
         self.a_bits, self.a_symmetric, self.a_eps, self.a_clip = a_bits, a_symmetric, a_eps, a_clip
         self.input_rotation = input_rotation
@@ -65,6 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", None)
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.weight_override: torch.Tensor | None = None
+        self.bias_override: torch.Tensor | None = None
         self.weight_integers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scale_log_offset: torch.Tensor | None = None
 
@@ -93,7 +92,8 @@ class QuantLinear(nn.Module):
         if self.observer is not None:
             self.observer(x)
         w = self.effective_weight()
-        return F.linear(x.to(w.dtype), w)
+        b = self.bias if self.bias_override is None else self.bias_override
+        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
 
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
