@@ -133,8 +133,13 @@ def test_calibrate_makes_a_verified_pte(family_dirs, tmp_path, family):
         assert params["use_qk_norm"] and params["qk_norm_before_rope"] and params["head_dim"] == 128
         assert not torch.equal(sd["layers.0.attention.q_norm_fn.weight"], torch.ones(128))  # the model's own norm
     if family == "phi3":
-        assert params["partial_rotary_factor"] == 0.75
+        assert params["partial_rotary_factor"] == 0.75 and len(params["rope_scaling_short_factor"]) == 48
         assert sd["layers.0.attention.wq.weight"].shape == (384, 384) and sd["layers.0.attention.wv.weight"].shape == (128, 384)
+        # another target from the same rotations (no learning): the fused linears split the same way at group 64
+        r = _invoke("requantize", "--from", out, "--target", "xnnpack-8da4w-g64", "--out", tmp_path / "g64", "--no-pte")
+        assert r.exit_code == 0, r.output
+        g64 = torch.load(tmp_path / "g64" / "consolidated.00.pth", weights_only=True)
+        assert g64["layers.0.attention.wk.scales"].shape == (128, 384 // 64)
 
 
 def _config_dir(tmp_path, config) -> str:
