@@ -8,6 +8,7 @@ only by ``check_finite_weights`` (one tensor at a time). Every model load checks
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,65 @@ def check_data_path(data: str | None, flag: str) -> None:
                              f"of them, wikitext2 or hub:NAME)")
 
     local_data_files(p)  # type and encoding checks
+
+
+# Peak resident memory of a calibrate stage over the float32 size of the (untied) model, measured on the Llama-3.2-1B
+# shape on 2 CPU cores (docs/sizes.md: 1.50B parameters untied, 5.6 GiB in float32): quantize 8.3 GiB, export with the
+# .pte 10.7 GiB, one learning step at micro-batch 1 x 256 tokens 17.0 GiB
+PEAK_OVER_FLOAT32 = {"quantize": 1.5, "export": 1.95, "learn": 3.05}
+SKIP_RESOURCE_CHECK = "SPINQUANT_SKIP_RESOURCE_CHECK"
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of the model as spinquant holds it: embedding and output layer untied, every decoder linear."""
+    hd, hidden, inter = head_dim(config), config.hidden_size, config.intermediate_size
+    attention = hidden * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    return 2 * config.vocab_size * hidden + config.num_hidden_layers * (attention + 3 * hidden * inter)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable + SwapFree from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the file system that will hold ``path`` (its nearest existing ancestor)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_resources(config: Any, out: Path, learn_on_cpu: bool, pte: bool, float_checkpoint: bool) -> str:
+    """The memory and disk a calibrate run of this model needs, estimated from measured peaks (PEAK_OVER_FLOAT32) and
+    the sizes of the files it writes; SpinQuantError before anything starts when the machine has less. Returns the
+    line that states the estimate. Setting SPINQUANT_SKIP_RESOURCE_CHECK=1 turns the refusal into that line."""
+    params = parameter_count(config)
+    stages = ["learn"] if learn_on_cpu else []
+    stages.append("export" if pte else "quantize")
+    memory = max(PEAK_OVER_FLOAT32[s] for s in stages) * 4 * params
+    # quantized.safetensors and the ExecuTorch checkpoint (and the .pte): int8 weights + float32 group scales; or the
+    # float Meta checkpoint for a float target
+    disk = 4 * params if float_checkpoint else (3 if pte else 2) * params * (1 + 4 / 32)
+    available, free = available_memory_bytes(), free_disk_bytes(out)
+    what = f"{'/'.join(stages)} of a {params / 1e9:.2f}B-parameter model"
+    line = (f"[spinquant] resources: about {_size(memory)} of memory at peak ({what})"
+            + (f", {_size(available)} available" if available is not None else "")
+            + f"; about {_size(disk)} of disk, {_size(free)} free")
+    short = []
+    if available is not None and memory > available:
+        short.append(f"about {_size(memory)} of memory at peak ({what}) but the machine has {_size(available)} available")
+    if disk > free:
+        short.append(f"about {_size(disk)} of disk for its outputs but {out} has {_size(free)} free")
+    if short and not os.environ.get(SKIP_RESOURCE_CHECK):
+        fixes = "free memory or disk, use a larger machine" + (", learn on a GPU (--device cuda)" if learn_on_cpu else "")
+        raise SpinQuantError(f"this run needs {' and '.join(short)}: {fixes}, or set {SKIP_RESOURCE_CHECK}=1 to try anyway")
+    return line
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

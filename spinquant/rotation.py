@@ -422,23 +422,24 @@ class RotationLearner:
         """Summed KL(teacher || model) of one chunk of positions (hidden states (micro, t, dim) of both)."""
         return chunk_kl(self.model.get_submodule(self.arch.head), self.teacher.get_submodule(self.arch.head), h, teacher_h, amp=self.device.type == "cuda")
 
-    def _rotated(self) -> dict[Any, torch.Tensor]:
-        """The current rotated weights (and moved biases), plus the norm scales the hooks apply (with scales)."""
-        scales = {k: v.exp() for k, v in self.log_scales.items()} if self.log_scales else None
-        rotated = rotated_weights(self.arch, self.base, self.r1, self.r2, self.n_layers, self.hd, scales, self.h4, self.rows)
+    def _rotated(self, r1: torch.Tensor, r2: torch.Tensor, log_scales: dict[str, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        """The weights (and moved biases) rotated by ``r1``/``r2``, plus the norm scales the hooks apply (with scales)."""
+        scales = {k: v.exp() for k, v in log_scales.items()} if log_scales else None
+        rotated = rotated_weights(self.arch, self.base, r1, r2, self.n_layers, self.hd, scales, self.h4, self.rows)
         if scales is not None:  # the norm halves of attn_in / mlp_in: leaves the norm hooks multiply by
             rotated.update({("norm", kind, i): scales[kind][i] for kind, i in self.scaled_norms})
         return rotated
 
-    def _install(self, leaves: dict[Any, torch.Tensor]) -> None:
-        """Make the forward use ``leaves`` (weights, biases, norm scales; GPTQ's integers of them in the loop)."""
+    def _install(self, leaves: dict[Any, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor) -> None:
+        """Make the forward use ``leaves`` (weights, biases, norm scales; in the loop, GPTQ's integers of them, whose
+        Hessians are rotated by the ``r1``/``r2`` the leaves were made with)."""
         for k, leaf in leaves.items():
             if isinstance(k, tuple):
                 self.norm_scale[id(self.scaled_norms[k[1:]])] = leaf
             else:
                 setattr(self.linears[k], "bias_override" if k.endswith(".bias") else "weight_override", leaf)
         if self.hessians is not None:
-            chosen = gptq_integers(self.arch, leaves, self.hessians, self.r1, self.r2, self.model.config.num_attention_heads,
+            chosen = gptq_integers(self.arch, leaves, self.hessians, r1, r2, self.model.config.num_attention_heads,
                                    self.cfg.w_bits, self.cfg.group_size, clip_search=True)
             for k, integers in chosen.items():
                 self.linears[k].weight_integers = integers
@@ -454,22 +455,14 @@ class RotationLearner:
     def loss_on(self, windows: torch.Tensor, start: bool = False) -> float:
         """Mean loss of the current rotations (``start``: of the rotations and scales learning started from) on
         ``windows`` (n, seqlen), no gradient, no step: the held-out check of :func:`spinquant.pipeline.learn_rotations`."""
-        saved = [self.r1.clone(), self.r2.clone(), {k: v.clone() for k, v in self.log_scales.items()}]
-        if start:
-            self.r1.copy_(self.start_r1)
-            self.r2.copy_(self.start_r2)
-            for k, v in self.log_scales.items():
-                v.copy_(self.start_log_scales[k])
-        leaves = self._rotated()
-        self._install(leaves)
+        r1, r2, log_scales = ((self.start_r1, self.start_r2, self.start_log_scales) if start
+                              else (self.r1, self.r2, self.log_scales))
+        leaves = self._rotated(r1, r2, log_scales)
+        self._install(leaves, r1, r2)
         try:
-            total = sum(self._micro_loss(self.r1, w[None].to(self.device)).item() for w in windows)
+            total = sum(self._micro_loss(r1, w[None].to(self.device)).item() for w in windows)
         finally:
             self._uninstall(leaves)
-            self.r1.copy_(saved[0])
-            self.r2.copy_(saved[1])
-            for k, v in self.log_scales.items():
-                v.copy_(saved[2][k])
         return total / windows.shape[0]
 
     def accumulate_gradients(self, batch: torch.Tensor) -> float:
@@ -478,10 +471,10 @@ class RotationLearner:
         self.opt.zero_grad(set_to_none=True)
         if self.log_scales:
             self.scale_opt.zero_grad(set_to_none=True)
-        rotated = self._rotated()
+        rotated = self._rotated(self.r1, self.r2, self.log_scales)
         leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
         r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
-        self._install(leaves)
+        self._install(leaves, self.r1, self.r2)
         total = 0.0
         try:
             micro = [batch[i : i + cfg.micro_batch] for i in range(0, batch.shape[0], cfg.micro_batch)]

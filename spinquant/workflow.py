@@ -35,8 +35,8 @@ from spinquant.formats.run_dir import versions
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.memory import release_memory
 from spinquant.outputs import OWNER_FILE, claim_output, clear_directory, record_owner, resolve_input
-from spinquant.pipeline import export_run, learn_rotations, max_rel_diff, probe_ids, quantize_to_run
-from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model,
+from spinquant.pipeline import export_run, learn_rotations, max_rel_diff, probe_ids, quantize_to_run, resolve_device
+from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model, check_resources,
                                  check_rotation_sizes, executorch_rope_problem)
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.scale_tuning import ScaleTuningConfig
@@ -351,7 +351,8 @@ def resolve_r4(choice: str, inter: int, target: Target, pte: bool) -> tuple[str,
 def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int):
     """Every check calibrate can make before it creates anything (spinquant.preflight): the model and its weights'
     headers, tokenizer, scheme, Hadamard sizes, RoPE for ExecuTorch, sequence length, learning options and the
-    calibration and evaluation data (tokenized now; the windows are cached for the stages). Returns the model's config."""
+    calibration and evaluation data (tokenized now; the windows are cached for the stages), memory and disk. Returns the
+    model's config and the line stating the resources estimate."""
 
     if describe_source(opts.model) == "run":
         raise SpinQuantError(f"{opts.model} is a quantized run: calibrate the float model (or use requantize)")
@@ -376,7 +377,10 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     for data in eval_texts(opts):
         check_data_path(data, "--eval-data")
     check_finite_weights(opts.model)
-    return config
+    learn_on_cpu = learn and resolve_device(opts.device).type == "cpu"
+    resources = check_resources(config, opts.resolved_out(), learn_on_cpu, pte and target.quantizes,
+                                target.exporter == "float-rotated")
+    return config, resources
 
 
 def resolve_recipe(opts: CalibrateOptions) -> CalibrateOptions:
@@ -424,7 +428,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
                             kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
                             r4=opts.r4 == "on", max_angle=opts.max_angle)
     nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
-    config = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
+    config, resources = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     if r4_note:
         _log(r4_note)
     run_opts = {**asdict(opts), "nsamples": nsamples, "model_identity": _model_identity(opts.model), "versions": versions(),
@@ -467,7 +471,7 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
         record_owner(out, "calibrate", identity)
         _write_json(out / CONFIG_FILE, run_opts)
     try:
-        _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from, config)
+        _run_stages(run, opts, target, pte, learn, learn_cfg, nsamples, rotations_from, config, resources)
     except BaseException:
         if created and not _json(out / STAGES_FILE) and not (out / "learn_state.pt").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing to resume from: leave no stub behind
@@ -476,8 +480,10 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
 
 
 def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg, nsamples: int,
-                rotations_from: Path | None, config) -> None:
-
+                rotations_from: Path | None, config, resources: str) -> None:
+    learning = learn and rotations_from is None and not run.done("learn")
+    if not learning:  # the learning route says it once its state is read: a refused state stays the one line shown
+        _log(resources)
     if pte and run.done("export") and not (run.dir / "model.pte").is_file():
         _log("[spinquant] a .pte is asked for and this run has none: the export and report stages run again")
         for stage in ("export", "report"):
@@ -503,6 +509,7 @@ def _run_stages(run: Run, opts: CalibrateOptions, target, pte: bool, learn: bool
         t = time.perf_counter()
         learned = learn_rotations(opts.model, str(run.dir), learn_cfg, _calibration(opts, nsamples), device=opts.device,
                                   tokenizer_src=opts.tokenizer, claim=False)
+        _log(resources)
         if learned.get("resumed_from"):
             _log(f"[spinquant] stage learn: resumed from step {learned['resumed_from']} of its saved state")
         run.mark("learn", time.perf_counter() - t)

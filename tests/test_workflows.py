@@ -384,3 +384,25 @@ def test_calibrate_evaluates_on_every_text_given(tiny_model_dir, corpus_file, tm
                                  "--seqlen", "64"])
     _one_line_error(r, "none.txt: no such file or folder")
     assert not (tmp_path / "o").exists()
+
+
+def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(tiny_model_dir, corpus_file, tmp_path,
+                                                                               monkeypatch, tiny_model):
+    from spinquant import preflight
+
+    # the estimate's parameter count is the model's own: embedding and output layer untied, every decoder linear
+    linears = sum(m.weight.numel() for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert preflight.parameter_count(tiny_model.config) == linears + tiny_model.model.embed_tokens.weight.numel()
+    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 1024)
+    r = _calibrate(tiny_model_dir, tmp_path / "m", corpus_file)
+    assert r.exit_code == 2 and "of memory at peak (learn/export of a 0.00B-parameter model)" in r.output, r.output
+    assert "the machine has 0 MiB available" in r.output
+    assert "SPINQUANT_SKIP_RESOURCE_CHECK=1" in r.output and not (tmp_path / "m").exists()
+    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 2**40)
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 0)
+    r = _calibrate(tiny_model_dir, tmp_path / "d", corpus_file, "--rotations", "hadamard", "--no-pte")
+    assert r.exit_code == 2 and "MiB of disk for its outputs" in r.output and "has 0 MiB free" in r.output, r.output
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setenv("SPINQUANT_SKIP_RESOURCE_CHECK", "1")  # the user's way past it: the estimate is printed instead
+    line = preflight.check_resources(tiny_model.config, tmp_path / "d", learn_on_cpu=False, pte=True, float_checkpoint=False)
+    assert line.startswith("[spinquant] resources: about") and "(export of a 0.00B-parameter model)" in line
