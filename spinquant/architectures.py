@@ -197,12 +197,9 @@ PHI3 = replace(
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, QWEN2, QWEN3, PHI3)}
 
 # model types refused with the reason (the generic message covers the rest)
-REFUSED = {
-    "gemma3_text": "its post-attention and post-feedforward RMSNorms sit between o_proj/down_proj and the residual, so "
-                   "R1 cannot be folded into those weights exactly (it would need the norms' weights equal)",
-    "gemma2": "its post-attention and post-feedforward RMSNorms sit between o_proj/down_proj and the residual, so "
-              "R1 cannot be folded into those weights exactly",
-}
+_POST_NORMS = ("its post-attention and post-feedforward RMSNorms sit between o_proj/down_proj and the residual, so R1 "
+               "cannot be folded into those weights exactly (it would need the norms' weights equal)")
+REFUSED = {"gemma3_text": _POST_NORMS, "gemma2": _POST_NORMS}
 
 
 def architecture_of(config: Any, where: str = "the model") -> Architecture:
@@ -228,11 +225,25 @@ def _unsupported_kind(config: Any) -> str | None:
     towers = [k for k in ("vision_config", "audio_config", "speech_config") if getattr(config, k, None) is not None]
     if towers:
         return f"it has a {towers[0].split('_')[0]} tower ({towers[0]}); quantize its text decoder on its own"
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    if layer_types - {"full_attention", "sliding_attention"}:
-        return (f"it is a hybrid model with {', '.join(sorted(layer_types - {'full_attention', 'sliding_attention'}))} "
-                f"layers, which the rotations' maps do not cover")
+    other_layers = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"}
+    if other_layers:
+        return f"it is a hybrid model with {', '.join(sorted(other_layers))} layers, which the rotations' maps do not cover"
     return None
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's RoPE parameters (``rope_parameters``, or ``rope_scaling`` in older configs), {} when it has none."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def rope_type(config: Any) -> str:
+    rope = rope_parameters(config)
+    return rope.get("rope_type", rope.get("type")) or "default"
+
+
+def longrope_original_context(config: Any) -> int:
+    """The context LongRoPE's short factors cover (``original_max_position_embeddings``)."""
+    return int(rope_parameters(config).get("original_max_position_embeddings") or config.original_max_position_embeddings)
 
 
 def head_dim(config: Any) -> int:

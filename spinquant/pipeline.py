@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spinquant.architectures import architecture_of
+from spinquant.architectures import architecture_of, longrope_original_context, rope_type
 from spinquant.atomic import atomic_dir, publish_mode, remove_stale_partials
 from spinquant.data import calibration_windows
 from spinquant.errors import SpinQuantError
@@ -375,11 +375,10 @@ def export_run(run_dir: str, out_dir: str | None = None, pte: bool = True, verif
     model = load_run(run)
     mode = check_exportable(model, scheme)
     max_seq_len = min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))
-    if (model.config.rope_parameters or {}).get("rope_type") == "longrope":
+    if rope_type(model.config) == "longrope":
         # ExecuTorch picks LongRoPE's long factors for every position once its cache exceeds the original context;
         # transformers picks them per call by its length: within the original context both use the short factors
-        max_seq_len = min(max_seq_len, int(model.config.rope_parameters.get("original_max_position_embeddings")
-                                           or model.config.original_max_position_embeddings))
+        max_seq_len = min(max_seq_len, longrope_original_context(model.config))
     make_pte = pte and mode in PREQ_MODES
     if make_pte:
         check_executorch_rope(model.config, str(run))

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from spinquant.architectures import architecture_of, head_dim
+from spinquant.architectures import architecture_of, head_dim, rope_parameters, rope_type
 from spinquant.data import local_data_files
 from spinquant.errors import SpinQuantError
 from spinquant.formats import describe_source, load_config, try_load_tokenizer
@@ -56,8 +56,7 @@ def executorch_rope_problem(config: Any) -> str | None:
     not written into params.json); None when it can."""
     if "sliding_attention" in (getattr(config, "layer_types", None) or []):
         return "sliding-window attention layers (which spinquant's ExecuTorch checkpoint does not describe)"
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    rope, kind = rope_parameters(config), rope_type(config)
     if kind == "default" or (kind == "longrope" and not architecture_of(config).interleaved_rope):
         return None  # ExecuTorch's HF RoPE (use_hf_rope) computes LongRoPE (Phi-3/4)
     if kind != "llama3":

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from spinquant.architectures import architecture_of
+from spinquant.architectures import architecture_of, longrope_original_context, rope_parameters, rope_type
 from spinquant.errors import SpinQuantError
 from spinquant.fusion import has_online_r4
 from spinquant.hadamard import executorch_computes
@@ -48,10 +48,8 @@ def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
         raise SpinQuantError(f"intermediate size {inter} is not a power of two: ExecuTorch's online Hadamard "
                              f"(fast_hadamard_transform, R4) cannot compute it; quantize again with --r4 off (the default "
                              f"--r4 auto does this)")
-    arch = architecture_of(model.config)
-    layer = arch.decoder_layers(model)[0]
     qkv = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj"}
-    biased = [lin.name for lin in arch.linears if getattr(layer.get_submodule(lin.name), "bias", None) is not None]
+    biased = biased_linears(model)
     if set(biased) - qkv:
         raise SpinQuantError(f"{', '.join(sorted(set(biased) - qkv))} has a bias: ExecuTorch's Transformer takes biases on "
                              f"q/k/v only (attention_qkv_bias), so this model has no ExecuTorch checkpoint; its quantized "
@@ -92,12 +90,12 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
             parts = (arch.part_rows(cfg, hf).values() if hf in arch.parts else [slice(None)])
             metas = meta if isinstance(meta, tuple) else (meta,)
             for name, rows in zip(metas, parts):
-                key, hf_part = f"layers.{i}.{name}", _hf_part_name(hf, name)
+                key = f"layers.{i}.{name}"
 
                 def meta_rows(t: torch.Tensor) -> torch.Tensor:
                     t = t[rows]
-                    if arch.interleaved_rope:
-                        t = permute_rope_rows(hf_part, t, cfg, to_meta=True)
+                    if arch.interleaved_rope:  # (Llama: no fused linears, so hf names the whole q/k_proj)
+                        t = permute_rope_rows(hf, t, cfg, to_meta=True)
                     return t.contiguous().clone()
 
                 sd[f"{key}.weight"] = meta_rows(mod.qweight)
@@ -108,9 +106,11 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
     return sd
 
 
-def _hf_part_name(hf: str, meta: str) -> str:
-    """The HF name RoPE permutation knows a (part of a) linear by: q_proj/k_proj for wq/wk."""
-    return {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj"}.get(meta, hf)
+def biased_linears(model: torch.nn.Module) -> list[str]:
+    """The map's linears that carry a bias (read off the first decoder layer)."""
+    arch = architecture_of(model.config)
+    layer = arch.decoder_layers(model)[0]
+    return [lin.name for lin in arch.linears if getattr(layer.get_submodule(lin.name), "bias", None) is not None]
 
 
 def executorch_params(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, Any]:
@@ -128,20 +128,17 @@ def _family_params(model: torch.nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not arch.interleaved_rope:
         out["use_hf_rope"] = True
-    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope = rope_parameters(cfg)
     partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0
     if partial != 1.0:
         out["partial_rotary_factor"] = float(partial)
-    if rope.get("rope_type", rope.get("type")) == "longrope":
+    if rope_type(cfg) == "longrope":
         out.update(rope_scaling_short_factor=list(rope["short_factor"]), rope_scaling_long_factor=list(rope["long_factor"]),
-                   original_max_position_embeddings=int(rope.get("original_max_position_embeddings")
-                                                        or cfg.original_max_position_embeddings),
+                   original_max_position_embeddings=longrope_original_context(cfg),
                    max_position_embeddings=int(cfg.max_position_embeddings))
         if rope.get("attention_factor") is not None:
             out["rope_scaling_attention_factor"] = float(rope["attention_factor"])
-    layer = arch.decoder_layers(model)[0]
-    biased = [lin.name for lin in arch.linears if getattr(layer.get_submodule(lin.name), "bias", None) is not None]
-    if biased:
+    if biased_linears(model):  # q/k/v only: check_exportable refuses others
         out["attention_qkv_bias"] = True
     if "self_attn.q_norm" in arch.meta_names:
         out.update(use_qk_norm=True, qk_norm_before_rope=True)

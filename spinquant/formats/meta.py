@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spinquant.architectures import LLAMA
+from spinquant.architectures import LLAMA, rope_parameters
 from spinquant.errors import SpinQuantError, unreadable_torch_file
 from spinquant.formats.hf import check_finite, untie_embeddings
 
@@ -50,7 +50,7 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def meta_params_from_config(config: LlamaConfig) -> dict[str, Any]:
     """params.json for ExecuTorch's ModelArgs (only keys it accepts)."""
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope = rope_parameters(config)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     params: dict[str, Any] = {
         "dim": config.hidden_size,
