@@ -25,6 +25,7 @@ import torch
 
 from spinquant.formats import load_model
 from spinquant.formats.hf import untie_embeddings
+from spinquant.experimental.learning import ResearchLearner
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
 from _common import SHARED, result_path
 
@@ -44,7 +45,8 @@ def bench(name: str, model, device: torch.device, args) -> dict:
                       grad_checkpoint=not args.no_checkpoint)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    learner = RotationLearner(prepare_model(model, cfg), windows, cfg, device, progress=False)
+    learner_class = ResearchLearner if args.w_bits < 16 else RotationLearner  # int4 weights in the loop: research
+    learner = learner_class(prepare_model(model, cfg), windows, cfg, device, progress=False)
     learner.train_step()  # warm-up (allocator, kernels), not timed
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -31,8 +31,9 @@ from spinquant.formats import load_model, load_tokenizer
 from spinquant.pipeline import rotations_file
 from spinquant.quant.apply import WeightQuantConfig
 from spinquant.quant.scheme import META_8DA4W, W4A4KV4
-from spinquant.rotation import LearnConfig, RotationLearner, initial_scales, plot_learning_curve, prepare_model
-from spinquant.smoothing import smooth_scales
+from spinquant.experimental.learning import ResearchLearner, initial_scales
+from spinquant.experimental.smoothing import smooth_scales
+from spinquant.rotation import LearnConfig, plot_learning_curve, prepare_model
 from _common import SHARED, quantized_copy, result_path
 
 
@@ -147,7 +148,7 @@ def main() -> None:
                           group_size=scheme.group, a_bits=a_bits, kv_bits=kv_bits, seed=args.seed, grad_checkpoint=device.type == "cuda",
                           loss=loss, weight_quant=weight_quant, r4=not args.no_r4, max_angle=args.max_angle,
                           scales=args.scales, scale_lr=args.scale_lr, scale_init=args.scale_init)
-        learner = RotationLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
+        learner = ResearchLearner(prepare_model(copy.deepcopy(base), cfg), learn_windows, cfg, device, progress=False,
                                   teacher=copy.deepcopy(base) if loss == "kl" else None,
                                   initial_scales=initial_scales(base, cfg, learn_windows))
         learner.run()

@@ -33,6 +33,7 @@ from spinquant.formats import load_tokenizer
 from spinquant.pipeline import resolve_rotations, tuning_calibration
 from spinquant.fusion import Rotations
 from spinquant.quant.apply import WeightQuantConfig
+from spinquant.experimental.norm_tuning import tune_scales_and_norms
 from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
 from spinquant.quant.scheme import DEFAULT_TUNE_LR, FLOAT, META_8DA4W, W4A4KV4, QuantScheme
 from _common import data_arguments, load_benchmark_data, quantized_copy, result_path
@@ -57,7 +58,7 @@ def main() -> None:
                     "the row before and after")
     ap.add_argument("--tune-lr", type=float, default=DEFAULT_TUNE_LR, help="the scale tuning's Adam learning rate")
     ap.add_argument("--tune-norms", action="store_true", help="the scale tuning tunes the RMSNorm weights too "
-                    "(ScaleTuningConfig.norms)")
+                    "(spinquant.experimental.norm_tuning)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/quant_table"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -100,8 +101,8 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds)
                 if args.tune_steps:
-                    tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr, norms=args.tune_norms)
-                    tune_scales(model, base, tune_windows, tuning, progress=False)
+                    tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr)
+                    (tune_scales_and_norms if args.tune_norms else tune_scales)(model, base, tune_windows, tuning, progress=False)
                     shown += (f" + scales{' and norms' if args.tune_norms else ''} tuned ({args.tune_steps} steps, "
                               f"lr {args.tune_lr:g})")
                     record(f"{scheme_name} {shown}", scheme_name, rotation, shown, model, seconds + tuning.stats["seconds"])

@@ -25,7 +25,7 @@ from spinquant.batch_jobs import Progress, execute_job, is_finished, job_row
 from spinquant.batch_ray import check_ray, run_on_ray
 from spinquant.errors import SpinQuantError
 from spinquant.recipes import RENAMED
-from spinquant.workflow import CalibrateOptions, yaml_value
+from spinquant.workflow import RETIRED_VALUES, CalibrateOptions, yaml_value
 
 PATH_OPTIONS = ("model", "out", "calib_data", "eval_data", "tokenizer", "calib", "recipe")
 ROOT_KEYS = ("out_root", "shared_root")  # batch-level keys of ``defaults:``, not calibrate options
@@ -105,7 +105,7 @@ def load_jobs(path: str, shared: bool = False) -> list[dict[str, Any]]:
     defaults = dict(defaults)
     base = p.parent.absolute()
     roots = _Roots(path, defaults, base)
-    valid = set(CalibrateOptions.names()) | {"models_glob"} | set(RENAMED)
+    valid = set(CalibrateOptions.names()) | {"models_glob"} | set(RENAMED) | set(RETIRED_VALUES)
     jobs: list[dict[str, Any]] = []
     for i, entry in enumerate(doc["jobs"]):
         where = f"{path}: job {i + 1}"

@@ -224,7 +224,6 @@ def calibration_options(nsamples_default: int, windows_flag: str = "--nsamples",
                    "window per step (integers fixed). 0: off.")
 @click.option("--tune-scales-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["tune_scales_lr"],
               show_default=True, help="Adam learning rate of the scale tuning, on the log-scales.")
-@click.option("--tune-norms", is_flag=True, help="The scale tuning also tunes the RMSNorm weights (in the rotated basis).")
 @calibration_options(128, "--gptq-nsamples", "GPTQ calibration")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotations and calibration sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
@@ -232,13 +231,13 @@ def calibration_options(nsamples_default: int, windows_flag: str = "--nsamples",
 @overwrite_option
 @friendly_errors
 def quantize(model_src, out_dir, rotations, r4, method, w_bits, group_size, a_bits, kv_bits, clip_search, gptq_objective,
-             gptq_objective_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, tune_norms, calib, calib_data,
+             gptq_objective_damp, gptq_refit_scales, tune_scales_steps, tune_scales_lr, calib, calib_data,
              nsamples, seqlen, text_field, seed, device, tokenizer_src, overwrite) -> None:
     """Rotate, then quantize with GPTQ or RTN (+ range setting) into a run directory that eval and export read."""
     scheme = QuantScheme(w_bits=w_bits, group_size=group_size, a_bits=a_bits, kv_bits=kv_bits)
     wq = WeightQuantConfig(method=method, clip_search=clip_search, float_target=gptq_objective == "float",
                            target_percdamp=gptq_objective_damp, scale_refit=gptq_refit_scales)
-    tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr, norms=tune_norms)
+    tuning = ScaleTuningConfig(steps=tune_scales_steps, lr=tune_scales_lr)
     on, note = _r4_on(r4, model_src) if rotations != "none" else (False, None)
     calib_set = (resolve_calibration(calib, calib_data, nsamples, seqlen, seed, 128, text_field)
                  if method == "gptq" or tuning.steps else None)
@@ -295,60 +294,63 @@ MAX_ANGLE_HELP = ("Cap, in radians, on how far one Cayley step may turn any vect
                   "that would turn further are shortened, keeping their direction (for models with massive activations).")
 
 
-@cli.command("learn-rotations")
-@click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id.")
-@click.option("--out", "out_dir", required=True, help="Directory for R.bin, losses and the learning state (a re-run with the same options resumes).")
-@calibration_options(800)
-@click.option("--steps", default=100, show_default=True, help="Cayley SGD steps.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks).")
-@click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size).")
-@click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0).")
-@click.option("--max-angle", type=float, default=DEFAULTS["max_angle"], show_default=True,
-              help=MAX_ANGLE_HELP + " The default recipe's cap, as in calibrate; 0: no cap (Meta's plain step).")
-@click.option("--scales/--no-scales", default=False, show_default=True, help="Also learn per-channel scales jointly with R1/R2 "
-              "(norm -> q/k/v and gate/up, v -> o per head channel, up -> down), fused into the norm weights and linears "
-              "the checkpoint already has; written as scales.safetensors beside R.bin. Learn them against int4 weights "
-              "(--w-bits 4): with float weights the loss sees no cost of moving difficulty into the weights.")
-@click.option("--scale-lr", default=0.01, show_default=True, help="Adam learning rate of the log-scales (cosine decay).")
-@click.option("--scale-init", type=float, default=None, help="With --scales: start from SmoothQuant's scales of this alpha "
-              "(0.5: activation and weight ranges met halfway), measured on the first 8 learning windows [default: 1].")
-@click.option("--w-bits", default=16, show_default=True, help="Weight bits while learning (16: Meta's recipe; 4: learn against RTN weights).")
-@click.option("--group-size", default=32, show_default=True, help="Weight group size when --w-bits < 16.")
-@click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16).")
-@click.option("--kv-bits", default=16, show_default=True, help="KV-cache bits while learning (4/8/16).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard start and the calibration windows.")
-@click.option("--loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
-              help="ce: cross-entropy on the text (Meta's); kl: KL divergence to the float model's predictions.")
-@click.option("--weight-quant", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
-              help="With --w-bits < 16: the int4 weights the loss sees: round-to-nearest, or GPTQ of the current rotation "
-                   "(every step; the final quantizer's weights).")
-@click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point).")
-@r4_option
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none.")
-@overwrite_option
-@friendly_errors
-def learn_rotations_cmd(model_src, out_dir, calib, calib_data, nsamples, seqlen, text_field, steps, batch_size, micro_batch, lr,
-                        max_angle, scales, scale_lr, scale_init, w_bits, group_size, a_bits, kv_bits, seed, loss, weight_quant,
-                        save_every, r4, device, tokenizer_src, overwrite) -> None:
-    """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
+LEARN_OPTIONS = [
+    click.option("--model", "model_src", required=True, help="HF model directory, Meta checkpoint directory or hub id."),
+    click.option("--out", "out_dir", required=True, help="Directory for R.bin, losses and the learning state (a re-run with the same options resumes)."),
+    calibration_options(800),
+    click.option("--steps", default=100, show_default=True, help="Cayley SGD steps."),
+    click.option("--batch-size", default=8, show_default=True, help="Windows per step (the effective batch across all ranks)."),
+    click.option("--micro-batch", default=1, show_default=True, help="Windows per forward (gradient accumulation up to --batch-size)."),
+    click.option("--lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine decay to 0)."),
+    click.option("--max-angle", type=float, default=DEFAULTS["max_angle"], show_default=True,
+                 help=MAX_ANGLE_HELP + " The default recipe's cap, as in calibrate; 0: no cap (Meta's plain step)."),
+    click.option("--a-bits", default=8, show_default=True, help="Per-token activation bits while learning (4/8/16)."),
+    click.option("--kv-bits", default=16, show_default=True, help="KV-cache bits while learning (4/8/16)."),
+    click.option("--seed", default=0, show_default=True, help="Seed of the random Hadamard start and the calibration windows."),
+    click.option("--save-every", default=10, show_default=True, help="Save the learning state every N steps (resume point)."),
+    r4_option,
+    click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]."),
+    click.option("--tokenizer", "tokenizer_src", default=None, help="Tokenizer directory, if the model has none."),
+    overwrite_option,
+]
 
+
+def learn_options(fn):
+    """The options of ``learn-rotations`` (spinquant.experimental's command adds its own to them)."""
+    for opt in reversed(LEARN_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def run_learn_rotations(model_src: str, out_dir: str, calib: str, calib_data: str | None, nsamples: int | None,
+                        seqlen: int | None, text_field: str | None, r4: str, device: str, tokenizer_src: str | None,
+                        overwrite: bool, max_angle: float, learner_factory=None, **learn: Any) -> None:
+    """learn-rotations' body: ``learn`` holds the LearnConfig fields given (experimental: its research options too)."""
     r4_on, note = _r4_on(r4, model_src)
-    cfg = LearnConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, w_bits=w_bits,
-                      group_size=group_size, a_bits=a_bits, kv_bits=kv_bits, seed=seed, loss=loss, weight_quant=weight_quant,
-                      save_every=save_every, r4=r4_on, max_angle=max_angle or None, scales=scales, scale_lr=scale_lr,
-                      scale_init=scale_init)
-
-    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, seed, steps * batch_size, text_field)
-    s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite)
-    if s.get("finished") and s.get("rank", 0) == 0:
-        click.echo(f"wrote {out_dir}/R.bin{' + scales.safetensors' if scales else ''} after {s['steps']} steps (resumed from step {s['resumed_from']}); loss "
-                   f"{s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
-    if s.get("held_out", {}).get("kept") == "start" and s.get("rank", 0) == 0:
+    cfg = LearnConfig(r4=r4_on, max_angle=max_angle or None, **learn)
+    calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, cfg.seed, cfg.steps * cfg.batch_size, text_field)
+    factory = {"learner_factory": learner_factory} if learner_factory is not None else {}
+    s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite,
+                        **factory)
+    if s.get("rank", 0) != 0:
+        return
+    if s.get("finished"):
+        click.echo(f"wrote {out_dir}/R.bin{' + scales.safetensors' if cfg.scales else ''} after {s['steps']} steps (resumed "
+                   f"from step {s['resumed_from']}); loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; "
+                   f"{s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s")
+    if s.get("held_out", {}).get("kept") == "start":
         click.echo(f"R.bin holds the random-Hadamard start (learning made the held-out loss worse); the learned rotations: "
                    f"{out_dir}/learned/R.bin")
-    if note and s.get("rank", 0) == 0:
+    if note:
         click.echo(note, err=True)
+
+
+@cli.command("learn-rotations")
+@learn_options
+@friendly_errors
+def learn_rotations_cmd(**options: Any) -> None:
+    """Learn R1/R2 (Cayley SGD on the Stiefel manifold) against the fake-quantized model's loss."""
+    run_learn_rotations(**options)
 
 
 def _target_help() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -38,8 +37,7 @@ from spinquant.pte import PteModel, run_export_llama
 from spinquant.quant.apply import quantize_model
 from spinquant.quant.scale_tuning import tune_scales
 from spinquant.quant.scheme import QuantScheme
-from spinquant.rotation import (LEARNED_DIR, REMOVED_OPTIONS, RotationLearner, initial_scales, later_option_defaults,
-                                prepare_model, write_outputs)
+from spinquant.rotation import LEARNED_DIR, REMOVED_OPTIONS, RotationLearner, later_option_defaults, main_learner, write_outputs
 
 
 
@@ -176,8 +174,6 @@ def quantize_identity(model_src: str, scheme, wq, rotations: str, calib, seed: i
         named["scale_refit"] = True
     if tuning is not None and tuning.steps:
         named["scale_tuning"] = {"steps": tuning.steps, "lr": tuning.lr, "calibration": asdict(tuning_calibration(calib, tuning))}
-        if tuning.norms:
-            named["scale_tuning"]["norms"] = True  # named only when on: runs made before the option keep their identity
     return named if r4 else {**named, "r4": False}
 
 
@@ -262,7 +258,7 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         "gptq_target": wq.gptq_target,
         "target_percdamp": wq.target_percdamp if wq.gptq_target == "float" else None,
         "scale_refit": wq.scale_refit and wq.method == "gptq",
-        "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr, "norms": tuning.norms,
+        "scale_tuning": None if tuning is None else {"steps": tuning.steps, "lr": tuning.lr,
                                                      "calibration": {**tune_calib.__dict__}, **tuning.stats},
         "rotations": rotations if rotations in ("none", "hadamard") else str(Path(rotations).resolve()),
         "seed": seed,
@@ -503,13 +499,15 @@ def held_out_check(learner: RotationLearner, calib, tokenizer: Any) -> dict[str,
 
 def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "auto", tokenizer_src: str | None = None,
                     progress: bool = True, stop_after: int | None = None, overwrite: bool = False,
-                    claim: bool = True) -> dict[str, Any]:
+                    claim: bool = True, learner_factory=main_learner) -> dict[str, Any]:
     """Learn R1/R2 on ``calib`` and write R.bin, losses.json and learning_curve.png into ``out_dir``.
 
     The learning state is saved in ``out_dir`` every ``cfg.save_every`` steps; a re-run with the same
     ``out_dir`` and options continues from it. ``stop_after`` stops after that many steps (tests).
     Every input is checked and the model loaded before anything is written to ``out_dir``
-    (spinquant.outputs); ``claim=False``: the caller (calibrate) owns ``out_dir``.
+    (spinquant.outputs); ``claim=False``: the caller (calibrate) owns ``out_dir``. ``learner_factory(model, windows,
+    cfg, device, state_dir, progress)`` prepares the original float model and returns its learner (rotation.main_learner;
+    spinquant.experimental's takes the research options).
     """
     cfg.check()
     kind = describe_source(model_src)
@@ -529,13 +527,7 @@ def learn_rotations(model_src: str, out_dir: str, cfg, calib, device: str = "aut
     model = load_model(model_src)
     if has_online_r4(model):
         raise SpinQuantError(f"{model_src} is already rotated: learn rotations on the original float model")
-    teacher = None
-    if cfg.loss == "kl":
-        teacher = copy.deepcopy(model)
-    start_scales = initial_scales(model, cfg, windows)
-    prepare_model(model, cfg)
-    learner = RotationLearner(model, windows, cfg, dev, state_dir=out, progress=progress, teacher=teacher,
-                              initial_scales=start_scales)
+    learner = learner_factory(model, windows, cfg, dev, state_dir=out, progress=progress)
     if learner.rank == 0 and claim:
         if status == "replace":
             clear_directory(out)

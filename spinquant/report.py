@@ -69,20 +69,18 @@ def _rotations_line(o: dict[str, Any]) -> str:
     """One sentence on how the rotations were made, from the run's options."""
 
     r4 = "; R4 online before down_proj" if o.get("r4", "on") == "on" else "; no R4"
-    tuned_what = "the scales and RMSNorm weights were" if o.get("tune_norms") else "the scales were"
-    tuned = (f" After GPTQ {tuned_what} tuned end to end on KL to the float model ({o['tune_scales_steps']} windows x "
+    tuned = (f" After GPTQ the scales were tuned end to end on KL to the float model ({o['tune_scales_steps']} windows x "
              f"{o.get('seqlen')} tokens, lr {o.get('tune_scales_lr')})." if o.get("tune_scales_steps") else "")
     if o.get("rotations") == "hadamard" or not o.get("learned", True):
         how = "learned rotations copied from another run" if o.get("rotations") == "learned" else f"random Hadamard (seed {o.get('seed')}), no learning"
         return f"Rotations: {how}{r4}.{tuned}"
-    weights = f"W{o.get('learn_w_bits')}" + (f" ({o.get('learn_weight_quant')} in the loop)" if o.get("learn_w_bits", 16) < 16 else "")
     recipe = f" Recipe **{o['recipe']}** ({RECIPE_TEXT[o['recipe']]})." if o.get("recipe") in RECIPE_TEXT else ""
     cap = f" (steps capped at {o['max_angle']} rad)" if o.get("max_angle") is not None else ""
     gptq = ("GPTQ" + (f" with the float model as target (fit damped {o.get('gptq_objective_damp', 0.01)})"
                       if o.get("gptq_objective") == "float" else "")
             + (", group scales refitted by least squares," if o.get("gptq_refit_scales") else ""))
-    return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, {weights}A8KV16, "
-            f"{o.get('learn_loss')} loss, lr {o.get('lr')}{cap}, {o.get('steps')} steps x {o.get('batch_size')} x "
+    return (f"Rotations: R1/R2 learned from the random Hadamard of seed {o.get('seed')}, W16A8KV16, "
+            f"ce loss, lr {o.get('lr')}{cap}, {o.get('steps')} steps x {o.get('batch_size')} x "
             f"{o.get('seqlen')} tokens; {gptq} on {o.get('gptq_nsamples')} x {o.get('seqlen')}{r4}.{tuned}{recipe}")
 
 

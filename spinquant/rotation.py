@@ -16,17 +16,12 @@ per-token int8 activations). Each step then
 So the rotations cost two matmul passes per step, not one per micro-batch, and the embedding is
 rotated only for the tokens of the batch.
 
-What the loss sees (all flags of :class:`LearnConfig`): Meta's recipe learns at W16A8 (or W16A4KV4)
-with the cross-entropy on the text. ``w_bits=4`` puts int4 weights in the loop, round-to-nearest
-(``weight_quant="rtn"``) or the GPTQ weights of the current rotation (``"gptq"``, rotation_gptq.py);
-``loss="kl"`` replaces the cross-entropy by KL(float model || quantized model), the quantity the
-rotations are judged by. Gradients reach the rotations through the straight-through rounding and
-through the quantization scales (quant/primitives.py explains why the scale path matters).
-
-With ``scales=True`` the learner also learns per-channel scales (fusion.ChannelScales) as log-scales with Adam, in
-the same graph: the linears' scaled weights come out of :func:`rotated_weights`, and forward hooks multiply the two
-RMSNorm outputs by their scales (the norm weights the checkpoint will carry). ``scale_init`` starts them at
-SmoothQuant's closed-form scales (smoothing.py) instead of 1.
+What the loss sees: Meta's recipe learns at W16A8 (or W16A4KV4) with the cross-entropy on the text. Gradients reach
+the rotations through the straight-through rounding and through the quantization scales (quant/primitives.py
+explains why the scale path matters). The research settings of :class:`LearnConfig` (int4 weights in the loop, RTN
+or GPTQ's; KL to the float model as the loss; channel scales learned with R1/R2) are spinquant.experimental's
+``ResearchLearner``, a subclass that sets the seams this class leaves empty (``log_scales``, ``teacher``,
+:meth:`_install`); this class refuses them.
 
 State (rotations, scales, optimizers, schedulers, losses) is saved every ``save_every`` steps; a restarted run
 continues from the last save with the same result.
@@ -53,14 +48,10 @@ from spinquant.architectures import Architecture, architecture_of, head_dim
 from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
 from spinquant.formats.rbin import save_rbin
-from spinquant.fusion import (ORTHOGONALITY_TOL, ChannelScales, Rotations, apply_rotations, fuse_norms, orthogonality_error,
-                              per_head_scales)
-from spinquant.hadamard import hadamard_matrix
+from spinquant.fusion import ORTHOGONALITY_TOL, Rotations, apply_rotations, fuse_norms, orthogonality_error, per_head_scales
 from spinquant.kl_loss import chunk_ce, chunk_kl
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
-from spinquant.rotation_gptq import collect_hessians, gptq_integers
-from spinquant.smoothing import smooth_scales
 
 STATE_FILE = "learn_state.pt"
 LEARNED_DIR = "learned"  # where the learned rotations go when the start is kept (write_outputs)
@@ -69,7 +60,11 @@ LOSS_CHUNK_POSITIONS = 256  # positions whose full-vocabulary logits exist at on
 
 @dataclass
 class LearnConfig:
-    """Meta's recipe by default: 100 steps x 8 windows of 2048 tokens (800), lr 1.5 cosine, W16A8."""
+    """Meta's recipe by default: 100 steps x 8 windows of 2048 tokens (800), lr 1.5 cosine, W16A8.
+
+    It also holds the research options (w_bits < 16, loss, weight_quant, gptq_windows, scales, scale_lr, scale_init),
+    so that every learning state and output records one format; only spinquant.experimental's learner takes them
+    (:func:`research_options`)."""
 
     steps: int = 100
     batch_size: int = 8
@@ -103,23 +98,15 @@ class LearnConfig:
             raise SpinQuantError(f"need steps >= 1 and a batch size ({self.batch_size}) divisible by the micro-batch ({self.micro_batch})")
         if self.lr <= 0:
             raise SpinQuantError(f"learning rate {self.lr} must be positive")
-        if self.weight_quant not in ("rtn", "gptq"):
-            raise SpinQuantError(f"unknown weight quantizer '{self.weight_quant}': choose rtn or gptq")
-        if self.weight_quant == "gptq" and self.w_bits >= FLOAT:
-            raise SpinQuantError("GPTQ in the learning loop needs int4/int8 weights while learning: set --w-bits 4 "
-                                 "(calibrate: --learn-w-bits 4)")
         if self.max_angle is not None and not 0 < self.max_angle < 3.0:
             raise SpinQuantError(f"--max-angle {self.max_angle}: the cap on one step's rotation angle must be in (0, 3) "
                                  f"radians (0.02-0.2 is useful; calibrate --max-angle 0 means no cap)")
-        if self.scales and self.weight_quant == "gptq":
-            raise SpinQuantError("learned channel scales with GPTQ in the learning loop is not supported (the loop's GPTQ "
-                                 "Hessians are collected once, before the scales move): use --weight-quant rtn")
-        if self.scale_init is not None and not (self.scales and 0.0 <= self.scale_init <= 1.0):
-            raise SpinQuantError(f"--scale-init {self.scale_init}: SmoothQuant's alpha must be in [0, 1], and it needs --scales")
-        if self.scale_lr <= 0:
-            raise SpinQuantError(f"scale learning rate {self.scale_lr} must be positive")
-        if self.loss not in ("ce", "kl"):
-            raise SpinQuantError(f"unknown loss '{self.loss}': choose ce (cross-entropy) or kl (distillation from the float model)")
+
+
+def research_options(cfg: LearnConfig) -> list[str]:
+    """The research settings ``cfg`` asks for (docs/experimental.md): what :class:`RotationLearner` refuses."""
+    return [name for name, on in (("w_bits < 16", cfg.w_bits < FLOAT), ("loss kl", cfg.loss != "ce"),
+                                  ("weight_quant gptq", cfg.weight_quant != "rtn"), ("scales", cfg.scales)) if on]
 
 
 # LearnConfig options added after learning states and outputs were first saved: a saved state or output identity that
@@ -155,13 +142,12 @@ def prepare_model(model: nn.Module, cfg: LearnConfig) -> nn.Module:
     return model
 
 
-def initial_scales(model: nn.Module, cfg: LearnConfig, windows: torch.Tensor) -> ChannelScales | None:
-    """The scales the learner starts from for ``cfg.scale_init`` (None: 1), measured on the original float ``model``
-    rotated by the learner's Hadamard start, over the first 8 learning ``windows`` (deterministic: a resumed run
-    recomputes the same start)."""
-    if not cfg.scales or cfg.scale_init is None:
-        return None
-    return smooth_scales(model, hadamard_start(model.config, cfg.seed), windows[:8], alpha=cfg.scale_init)
+def main_learner(model: nn.Module, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
+                 state_dir: Path | None = None, progress: bool = True) -> "RotationLearner":
+    """The learner of the main path for the original float ``model`` (prepared here, in place): the factory
+    ``spinquant.pipeline.learn_rotations`` takes by default."""
+    prepare_model(model, cfg)
+    return RotationLearner(model, windows, cfg, device, state_dir=state_dir, progress=progress)
 
 
 def hadamard_start(config, seed: int) -> Rotations:
@@ -240,20 +226,22 @@ def _on_rows(x: torch.Tensor, sl: slice | None, fn) -> torch.Tensor:
 
 
 class RotationLearner:
-    """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring."""
+    """Learns R1/R2 for a prepared model on calibration windows (n, seqlen); see the module docstring.
+
+    Seams for spinquant.experimental's subclass, empty here: ``log_scales`` (kind -> (n_layers, channels) trainable
+    log channel scales, fed through :func:`rotated_weights`; ``scaled_norms`` maps (kind, layer) to the norm whose
+    output ``norm_scale`` scales), ``h4`` (R4 refolded after the scales), ``teacher`` (a float model: the loss is KL to
+    it instead of the cross-entropy), :meth:`_install`, :meth:`_load_state` and :meth:`_after_step`."""
+
+    research = False  # whether this learner takes research_options (the experimental subclass does)
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
-                 state_dir: Path | None = None, progress: bool = True, teacher: nn.Module | None = None,
-                 initial_scales: ChannelScales | None = None) -> None:
-        """``teacher``: the original float model, needed for ``cfg.loss == "kl"`` (its logits are the target).
-        ``initial_scales``: where the channel scales start (``cfg.scale_init`` says how they were made:
-        :func:`initial_scales`); None: 1."""
+                 state_dir: Path | None = None, progress: bool = True) -> None:
         cfg.check()
-        if initial_scales is not None and not cfg.scales:
-            raise ValueError("initial_scales without cfg.scales")
-        if cfg.loss == "kl" and teacher is None:
-            raise ValueError("loss 'kl' needs the float teacher model")
-        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
+        if research_options(cfg) and not self.research:
+            raise SpinQuantError(f"{', '.join(research_options(cfg))}: research settings of the rotation learning, not "
+                                 f"on the main path: spinquant.experimental (docs/experimental.md)")
+        self.teacher: nn.Module | None = None
         self.cfg, self.device, self.state_dir, self.progress = cfg, device, state_dir, progress
         self.model = model.to(device)
         self.windows = windows
@@ -278,11 +266,10 @@ class RotationLearner:
         self.opt = geoopt.optim.RiemannianSGD([self.r1, self.r2], lr=cfg.lr, stabilize=None)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=0.0)
         self.log_scales: dict[str, torch.Tensor] = {}
-        self.h4 = None
+        self.start_log_scales: dict[str, torch.Tensor] = {}
+        self.h4: torch.Tensor | None = None
+        self.scaled_norms: dict[tuple[str, int], nn.Module] = {}
         self.norm_scale: dict[int, torch.Tensor] = {}  # id(norm module) -> the scale its output is multiplied by
-        if cfg.scales:
-            self._prepare_scales(model, initial_scales)
-        self.start_log_scales = {k: v.detach().clone() for k, v in self.log_scales.items()}
         self.step = 0
         self.losses: list[float] = []
         self.angles: list[list[float]] = []  # per step: [R1's angle, largest R2 angle] the gradient step asked for
@@ -295,53 +282,12 @@ class RotationLearner:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # activates checkpointing; Llama has no dropout
-        self.hessians = None
-        if cfg.weight_quant == "gptq":
-            self.hessians = collect_hessians(model, windows[: cfg.gptq_windows])
-
-    def _prepare_scales(self, model: nn.Module, initial: ChannelScales | None) -> None:
-        """Channel scales (fusion.ChannelScales) as log-scales from 0 (scale 1), their Adam optimiser, and the hooks
-        that scale the RMSNorm outputs by the current attn_in / mlp_in (the norms' weights are 1 after fusion).
-
-        With R4 on, prepare_model folded H4 into down_proj; the scales divide its columns before H4, so the base
-        weight is unfolded once here (W = (W H4) H4ᵀ) and H4 is refolded in :func:`rotated_weights`."""
-        config = model.config
-        self.log_scales = {k: torch.zeros(self.n_layers, n, device=self.device) for k, n in ChannelScales.channels(config).items()}
-        if initial is not None:
-            initial.check(config, "initial channel scales")
-            for k, v in self.log_scales.items():
-                v.copy_(torch.stack(getattr(initial, k)).log().float())
-        for v in self.log_scales.values():
-            v.requires_grad_(True)
-        self.scale_opt = torch.optim.Adam(list(self.log_scales.values()), lr=self.cfg.scale_lr)
-        self.scale_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.scale_opt, T_max=self.cfg.steps, eta_min=0.0)
-        arch = self.arch
-        if self.cfg.r4:
-            self.h4 = hadamard_matrix(config.intermediate_size, "R4 (intermediate size)").float().to(self.device)
-            for i in range(self.n_layers):
-                for name in arch.rotated("R4", "input"):
-                    key = f"{arch.layers}.{i}.{name}.weight"
-                    self.base[key] = self.base[key] @ self.h4.T
-        self.scaled_norms = {}
-        norm_pairs = [p for p in arch.scales if p.producer in arch.norm_readers()]
-        for i, layer in enumerate(arch.decoder_layers(model)):
-            for pair in norm_pairs:
-                norm = layer.get_submodule(pair.producer)
-                self.scaled_norms[(pair.kind, i)] = norm
-                norm.register_forward_hook(self._scale_norm_output)
-
-    def _scale_norm_output(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        scale = self.norm_scale.get(id(module))
-        return output if scale is None else output * scale.to(output.dtype)
 
     # --- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         st = {"step": self.step, "r1": self.r1.detach().cpu(), "r2": self.r2.detach().cpu(), "opt": self.opt.state_dict(),
               "sched": self.sched.state_dict(), "losses": self.losses, "angles": self.angles, "seconds": self.seconds, "config": asdict(self.cfg),
               "windows_digest": _digest(self.windows)}
-        if self.log_scales:
-            st.update(log_scales={k: v.detach().cpu() for k, v in self.log_scales.items()}, scale_opt=self.scale_opt.state_dict(),
-                      scale_sched=self.scale_sched.state_dict())
         return st
 
     def save_state(self) -> None:
@@ -367,20 +313,18 @@ class RotationLearner:
         if saved != asdict(self.cfg) or st["windows_digest"] != _digest(self.windows):
             raise SpinQuantError(f"{self.state_dir} holds a rotation-learning state of a different configuration or "
                                  f"calibration set: use another --out directory or delete {STATE_FILE}")
+        self._load_state(st)
+        return True
+
+    def _load_state(self, st: dict[str, Any]) -> None:
+        """Take over a checked saved state (:meth:`state`'s dict)."""
         with torch.no_grad():
             self.r1.copy_(st["r1"].to(self.device))
             self.r2.copy_(st["r2"].to(self.device))
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
-        if self.log_scales:
-            with torch.no_grad():
-                for k, v in self.log_scales.items():
-                    v.copy_(st["log_scales"][k].to(self.device))
-            self.scale_opt.load_state_dict(st["scale_opt"])
-            self.scale_sched.load_state_dict(st["scale_sched"])
         self.step, self.losses, self.seconds = st["step"], list(st["losses"]), st["seconds"]
         self.angles = [list(a) for a in st.get("angles", [])]
-        return True
 
     # --- learning ------------------------------------------------------------------------------
     def _batch(self, step: int) -> torch.Tensor:
@@ -401,7 +345,7 @@ class RotationLearner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             hidden = self.model.get_submodule(self.arch.backbone)(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
             teacher_hidden = None
-            if self.cfg.loss == "kl":
+            if self.teacher is not None:
                 with torch.no_grad():
                     teacher_hidden = self.teacher.get_submodule(self.arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
         targets = ids[:, 1:]
@@ -431,18 +375,12 @@ class RotationLearner:
         return rotated
 
     def _install(self, leaves: dict[Any, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor) -> None:
-        """Make the forward use ``leaves`` (weights, biases, norm scales; in the loop, GPTQ's integers of them, whose
-        Hessians are rotated by the ``r1``/``r2`` the leaves were made with)."""
+        """Make the forward use ``leaves`` (weights, biases, norm scales), made with ``r1``/``r2``."""
         for k, leaf in leaves.items():
             if isinstance(k, tuple):
                 self.norm_scale[id(self.scaled_norms[k[1:]])] = leaf
             else:
                 setattr(self.linears[k], "bias_override" if k.endswith(".bias") else "weight_override", leaf)
-        if self.hessians is not None:
-            chosen = gptq_integers(self.arch, leaves, self.hessians, r1, r2, self.model.config.num_attention_heads,
-                                   self.cfg.w_bits, self.cfg.group_size, clip_search=True)
-            for k, integers in chosen.items():
-                self.linears[k].weight_integers = integers
 
     def _uninstall(self, leaves: dict[Any, torch.Tensor]) -> None:
         self.norm_scale.clear()
@@ -469,8 +407,8 @@ class RotationLearner:
         """Loss of ``batch`` (batch_size, seqlen) and its gradients in ``r1.grad`` / ``r2.grad`` (all ranks summed)."""
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        if self.log_scales:
-            self.scale_opt.zero_grad(set_to_none=True)
+        for v in self.log_scales.values():
+            v.grad = None
         rotated = self._rotated(self.r1, self.r2, self.log_scales)
         leaves = {k: v.detach().requires_grad_(True) for k, v in rotated.items()}
         r1_leaf = self.r1.detach().requires_grad_(True)  # the embedding rotation, per batch
@@ -507,13 +445,14 @@ class RotationLearner:
         self.angles.append([bound_step_angles(p, lr, cap) for p in (self.r1, self.r2)])
         self.opt.step()
         self.sched.step()
-        if self.log_scales:
-            self.scale_opt.step()
-            self.scale_sched.step()
+        self._after_step()
         self.step += 1
         self.losses.append(total)
         self.seconds += time.perf_counter() - t
         return total
+
+    def _after_step(self) -> None:
+        """Step the subclass's own optimisers (after the rotations')."""
 
     def run(self, stop_after: int | None = None) -> None:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps: for tests of resume)."""
@@ -536,18 +475,12 @@ class RotationLearner:
             err = orthogonality_error(q)
             if not err < ORTHOGONALITY_TOL:
                 raise SpinQuantError(f"learned {name} drifted off the manifold (max|QᵀQ-I| = {err:.2e}): lower --lr")
-        scales = None
-        if self.log_scales:
-            scales = ChannelScales(**{k: [row.detach().double().exp().cpu() for row in v] for k, v in self.log_scales.items()})
-        return Rotations(r1=r1, r2=r2, r4=self.cfg.r4, scales=scales)
+        return Rotations(r1=r1, r2=r2, r4=self.cfg.r4)
 
     def start_rotations(self) -> Rotations:
-        """The rotations (and channel scales) learning started from: the seeded random Hadamard, float64."""
+        """The rotations learning started from: the seeded random Hadamard, float64."""
         start = hadamard_start(self.model.config, self.cfg.seed)
-        scales = None
-        if self.start_log_scales:
-            scales = ChannelScales(**{k: [row.double().exp().cpu() for row in v] for k, v in self.start_log_scales.items()})
-        return Rotations(r1=start.r1, r2=start.r2, r4=self.cfg.r4, scales=scales)
+        return Rotations(r1=start.r1, r2=start.r2, r4=self.cfg.r4)
 
 
 def step_angles(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:

@@ -54,6 +54,9 @@ TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
 RECORD_NAMES = {new: old for old, new in RENAMED.items()}  # today's option name -> the name run identities record
 # options that do not change what a stage computes: they may differ on a resume
 RESUME_FREE = {"out", "pte", "device", "eval_windows", "eval_data", "compare_hadamard", "overwrite"}
+# recipe keys moved to spinquant.experimental (docs/experimental.md), at the value every calibrate run has now
+RETIRED_KEYS = {"learn_w_bits": 16, "learn_loss": "ce", "learn_weight_quant": "rtn"}
+RETIRED_VALUES = {**RETIRED_KEYS, "tune_norms": False}  # a recipe or batch file may still name them at these values
 
 
 @dataclass
@@ -75,16 +78,12 @@ class CalibrateOptions:
     micro_batch: int = 1
     lr: float = 1.5
     max_angle: float | None = None  # radians: cap on one Cayley step's turn (rotation.bound_step_angles); 0: no cap; None: default
-    learn_w_bits: int = 16
-    learn_loss: str = "ce"
-    learn_weight_quant: str = "rtn"
     gptq_nsamples: int = 128
     gptq_objective: str | None = None  # layer: plain GPTQ; float: fits the float model's outputs (quant/apply.py); None: default
     gptq_objective_damp: float | None = None  # the float objective's ridge damping (WeightQuantConfig.target_percdamp); None: default
     gptq_refit_scales: bool | None = None  # least-squares refit of GPTQ's group scales (WeightQuantConfig.scale_refit); None: default
     tune_scales_steps: int | None = None  # end-to-end scale tuning after GPTQ (quant/scale_tuning.py); 0: off; None: default
     tune_scales_lr: float | None = None  # its Adam learning rate on the log-scales; None: default
-    tune_norms: bool = False  # the scale tuning also tunes the RMSNorm weights (ScaleTuningConfig.norms); needs tuning steps
     r4: str = "auto"  # auto | on | off; calibrate() resolves auto to on/off (resolve_r4) before anything runs
     pte: bool | None = None  # None: a .pte when the target has one
     eval_data: str | list[str] = "wikitext2"  # one text or several: the report evaluates on each
@@ -106,7 +105,13 @@ class CalibrateOptions:
 
     @staticmethod
     def check_value(where: str, key: str, value: Any) -> None:
-        """A value from YAML or ``--set`` must name an option and have its type (``steps: two`` is refused, named)."""
+        """A value from YAML or ``--set`` must name an option and have its type (``steps: two`` is refused, named);
+        a key moved to spinquant.experimental may only have the value calibrate runs (RETIRED_VALUES)."""
+        if key in RETIRED_VALUES:
+            if value != RETIRED_VALUES[key]:
+                raise SpinQuantError(f"{where}: {key} {value}: a research setting, moved to spinquant.experimental "
+                                     f"(docs/experimental.md); calibrate runs {key} {RETIRED_VALUES[key]}")
+            return
         if key not in CalibrateOptions.names():
             raise SpinQuantError(f"{where}: unknown option '{key}' (options: {', '.join(CalibrateOptions.names())})")
         allowed = {t.strip() for t in str(next(f.type for f in fields(CalibrateOptions) if f.name == key)).split("|")}
@@ -131,7 +136,8 @@ class CalibrateOptions:
             recipe = str(Path(recipe).expanduser().resolve())
         for key, value in {**values, **given}.items():
             CalibrateOptions.check_value(f"recipe {recipe}" if key in values and key not in given else "option", key, value)
-        return CalibrateOptions(model=model, recipe=recipe, **{**values, **given})
+        return CalibrateOptions(model=model, recipe=recipe, **{k: v for k, v in {**values, **given}.items()
+                                                               if k not in RETIRED_VALUES})
 
 
 def yaml_value(key: str, value: Any) -> Any:
@@ -222,7 +228,7 @@ def gptq_config(opts: CalibrateOptions):
 def scale_tuning_config(opts: CalibrateOptions):
     """The ScaleTuningConfig of calibrate's scale tuning after GPTQ (steps 0: none)."""
 
-    return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr, norms=bool(opts.tune_norms))
+    return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr)
 
 
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
@@ -399,7 +405,7 @@ def resolve_recipe(opts: CalibrateOptions) -> CalibrateOptions:
     if opts.gptq_objective not in ("float", "layer"):
         raise SpinQuantError(f"gptq_objective {opts.gptq_objective}: choose float or layer")
     check_damping("gptq_objective_damp", opts.gptq_objective_damp)  # before any learning; GPTQ's config checks it again
-    scale_tuning_config(opts)  # its checks (the norms need tuning steps) before anything is created
+    scale_tuning_config(opts)  # its checks before anything is created
     if opts.steps < 0:
         raise SpinQuantError(f"--steps {opts.steps} must be >= 0 (0: no learning, random Hadamard rotations)")
     if opts.steps == 0 or opts.rotations == "hadamard":  # the no-learning route: one name for both spellings
@@ -424,9 +430,8 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     pte = target.pte and opts.pte is not False
     opts.r4, r4_note = resolve_r4(opts.r4, load_config(opts.model).intermediate_size, target, pte)
     learn_cfg = LearnConfig(steps=opts.steps, batch_size=opts.batch_size, micro_batch=opts.micro_batch, lr=opts.lr,
-                            w_bits=opts.learn_w_bits, group_size=target.scheme.group if target.scheme else 32, a_bits=8,
-                            kv_bits=16, seed=opts.seed, loss=opts.learn_loss, weight_quant=opts.learn_weight_quant,
-                            r4=opts.r4 == "on", max_angle=opts.max_angle)
+                            group_size=target.scheme.group if target.scheme else 32, seed=opts.seed, r4=opts.r4 == "on",
+                            max_angle=opts.max_angle)
     nsamples = (opts.nsamples or opts.steps * opts.batch_size) if learn else 0
     config, resources = _preflight(opts, target, pte, learn, learn_cfg, nsamples)
     if r4_note:
@@ -443,12 +448,11 @@ def calibrate(opts: CalibrateOptions, learn: bool = True, rotations_from: Path |
     if opts.gptq_objective != "float" or opts.gptq_objective_damp == 0.01:
         del identity["gptq_objective_damp"]  # named only when it changes the fit: 0.01 was its value until 2026-11-29
     identity = {RECORD_NAMES.get(k, k): v for k, v in identity.items()}  # the names runs were first recorded under
+    identity.update(RETIRED_KEYS)  # always these values now; named as runs made before their move record them
     if not identity["gptq_refit_scales"]:
         del identity["gptq_refit_scales"]  # named only when on: runs made before the option existed keep their identity
     if not identity["tune_scales_steps"]:
         del identity["tune_scales_steps"], identity["tune_scales_lr"]  # likewise named only when on
-    if not identity["tune_norms"]:
-        del identity["tune_norms"]  # likewise
     if identity["max_angle"] is None:
         del identity["max_angle"]  # likewise named only when the step is capped
     identity["model"] = resolve_input(opts.model)
@@ -539,6 +543,9 @@ def requantize(from_run: str, target: str, out: str | None = None, **overrides: 
         raise SpinQuantError(f"{src} is not a finished calibrate run (needs {CONFIG_FILE} and R.bin): run spinquant calibrate first")
     get_target(target)
     cfg = {RENAMED.get(k, k): v for k, v in cfg.items()}  # runs recorded before options were renamed
+    if cfg.get("tune_norms"):
+        raise SpinQuantError(f"{src} also tuned the RMSNorm weights (tune_norms), a research setting now in "
+                             f"spinquant.experimental (docs/experimental.md): calibrate the model again for {target}")
     opts = CalibrateOptions(**{k: cfg[k] for k in CalibrateOptions.names() if k in cfg})
     opts.model = cfg.get("model_identity", opts.model)
     opts.target = target

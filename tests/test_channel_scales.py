@@ -13,7 +13,8 @@ from spinquant.fusion import ChannelScales, Rotations, fuse_and_rotate
 from spinquant.architectures import head_dim
 from spinquant.formats.hf import untie_embeddings
 from spinquant.quant.fake_quant import make_fake_quant
-from spinquant.rotation import LearnConfig, RotationLearner, prepare_model
+from spinquant.experimental.learning import ResearchLearner, check_research
+from spinquant.rotation import LearnConfig, prepare_model
 from tests.helpers import rel_diff
 
 
@@ -89,7 +90,7 @@ def test_learner_with_scales_computes_the_loss_of_the_fused_model(tiny_model, r4
     windows = torch.randint(0, tiny_model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     cfg = LearnConfig(steps=4, batch_size=4, micro_batch=2, lr=1.0, w_bits=4, a_bits=4, kv_bits=4, scales=True,
                       scale_lr=0.2, r4=r4, grad_checkpoint=True)
-    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+    learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
     learner.run(stop_after=3)
     rot = learner.rotations()
     assert rot.scales is not None
@@ -110,7 +111,7 @@ def test_scale_gradients_vanish_without_quantization(tiny_model):
     norms = {}
     for bits in (16, 4):
         cfg = LearnConfig(steps=1, batch_size=2, micro_batch=2, w_bits=bits, a_bits=bits, scales=True)
-        learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+        learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
         with torch.no_grad():  # away from 1, so that a wrong scale path would show
             for v in learner.log_scales.values():
                 v.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(4))
@@ -126,7 +127,7 @@ def test_scales_resume_with_the_rotations(tiny_model, tmp_path):
                       grad_checkpoint=False)
 
     def learner(state_dir):
-        return RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+        return ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
                                state_dir=state_dir, progress=False)
 
     whole = learner(None)
@@ -141,7 +142,7 @@ def test_scales_resume_with_the_rotations(tiny_model, tmp_path):
     assert torch.allclose(whole.r1, second.r1, atol=1e-6)
     # a state learned without scales is another configuration
     plain = LearnConfig(**{**cfg.__dict__, "scales": False})
-    other = RotationLearner(prepare_model(copy.deepcopy(tiny_model), plain), windows, plain, torch.device("cpu"),
+    other = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), plain), windows, plain, torch.device("cpu"),
                             state_dir=tmp_path, progress=False)
     with pytest.raises(SpinQuantError, match="different configuration"):
         other.try_resume()
@@ -154,12 +155,13 @@ def test_learned_scales_through_quantize_export_and_the_pte(tiny_model_dir, corp
     from click.testing import CliRunner
 
     from spinquant.cli import cli
+    from spinquant.experimental.cli import experimental
     from spinquant.formats import load_model
     from tests.test_export import independent_reference_forward
 
     learned = tmp_path / "rot"
-    r = CliRunner().invoke(cli, ["learn-rotations", "--model", str(tiny_model_dir), "--out", str(learned), "--calib-data",
-                                 str(corpus_file), "--steps", "4", "--batch-size", "2", "--seqlen", "48", "--scales",
+    r = CliRunner().invoke(experimental, ["learn-rotations", "--model", str(tiny_model_dir), "--out", str(learned), "--calib-data",
+                                          str(corpus_file), "--steps", "4", "--batch-size", "2", "--seqlen", "48", "--scales",
                                  "--scale-lr", "0.3", "--w-bits", "4", "--a-bits", "4"])
     assert r.exit_code == 0, r.output
     assert "scales.safetensors" in r.output and (learned / SCALES_FILE).is_file()
@@ -217,7 +219,7 @@ def test_scales_refused_where_a_backend_would_drop_them(tiny_model_dir, tmp_path
 def test_smooth_scales_meet_activation_and_weight_ranges_halfway(tiny_model):
     """alpha 0.5: after fusing the SmoothQuant scales, every channel's max |activation| over max |weight column| is
     the same (per layer and kind), on the windows they were measured on; the float model is unchanged."""
-    from spinquant.smoothing import activation_absmax, smooth_scales, weight_column_absmax
+    from spinquant.experimental.smoothing import activation_absmax, smooth_scales, weight_column_absmax
 
     untie_embeddings(tiny_model)
     windows = torch.randint(0, tiny_model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(5))
@@ -243,17 +245,17 @@ def test_smooth_scales_meet_activation_and_weight_ranges_halfway(tiny_model):
 
 
 def test_learner_starts_from_the_smooth_scales(tiny_model):
-    from spinquant.rotation import initial_scales
-    from spinquant.smoothing import smooth_scales
+    from spinquant.experimental.learning import initial_scales
+    from spinquant.experimental.smoothing import smooth_scales
 
     untie_embeddings(tiny_model)
     windows = torch.randint(0, tiny_model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     cfg = LearnConfig(steps=2, batch_size=2, micro_batch=2, w_bits=4, a_bits=4, scales=True, scale_init=0.5)
     start = initial_scales(tiny_model, cfg, windows)
-    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+    learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
                               progress=False, initial_scales=start)
     expected = smooth_scales(tiny_model, Rotations.random_hadamard(tiny_model, cfg.seed), windows[:8], alpha=0.5)
     assert torch.allclose(learner.rotations().scales.up_out[1], expected.up_out[1], rtol=1e-5)
     assert torch.allclose(learner.r1.double(), Rotations.random_hadamard(tiny_model, cfg.seed).r1, atol=1e-6)
     with pytest.raises(SpinQuantError, match="needs --scales"):
-        LearnConfig(scale_init=0.5).check()
+        check_research(LearnConfig(scale_init=0.5))

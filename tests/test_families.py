@@ -88,7 +88,7 @@ def test_learners_rotated_weights_equal_fusion(family):
 def test_learned_rotations_on_qwen2_resume_and_keep_the_function(family_dirs, tmp_path):
     """Learning on a family with biases: a run killed half way resumes to the same rotations, which stay exact."""
     def learn(out, stop_after=None):
-        cfg = LearnConfig(steps=4, batch_size=2, micro_batch=1, w_bits=4, save_every=2)
+        cfg = LearnConfig(steps=4, batch_size=2, micro_batch=1, a_bits=4, save_every=2)
         calib = CalibrationSet(source=str(family_dirs["corpus"]), nsamples=8, seqlen=48)
         return learn_rotations(str(family_dirs["qwen2"]), str(out), cfg, calib, device="cpu", progress=False,
                                stop_after=stop_after)

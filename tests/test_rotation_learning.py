@@ -11,12 +11,15 @@ from click.testing import CliRunner
 from spinquant.architectures import LLAMA
 from spinquant.cli import cli
 from spinquant.data import CalibrationSet
+from spinquant.errors import SpinQuantError
 from spinquant.fusion import Rotations, apply_rotations, fuse_and_rotate, fuse_norms, orthogonality_error
 from spinquant.formats.rbin import load_rbin
 from spinquant.formats import load_model
 from spinquant.formats.hf import untie_embeddings
 from spinquant.pipeline import learn_rotations
 from spinquant.quant.fake_quant import make_fake_quant
+from spinquant.experimental.cli import experimental
+from spinquant.experimental.learning import ResearchLearner
 from spinquant.rotation import LearnConfig, RotationLearner, prepare_model, rotated_weights
 
 
@@ -28,7 +31,7 @@ def test_gradients_equal_direct_autograd(tiny_model, monkeypatch):
     monkeypatch.setattr(rotation, "LOSS_CHUNK_POSITIONS", 5)
     untie_embeddings(tiny_model)
     windows = torch.randint(0, tiny_model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
-    cfg = LearnConfig(steps=1, batch_size=4, micro_batch=2, w_bits=4, a_bits=8, grad_checkpoint=True)
+    cfg = LearnConfig(steps=1, batch_size=4, micro_batch=2, a_bits=4, grad_checkpoint=True)
     learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
     loss = learner.accumulate_gradients(windows)
     g1, g2 = learner.r1.grad.clone(), learner.r2.grad.clone()
@@ -65,7 +68,7 @@ def test_kl_loss_in_position_chunks_equals_whole(tiny_model, monkeypatch):
     results = []
     for chunk in (1000, 7):
         monkeypatch.setattr(rotation, "LOSS_CHUNK_POSITIONS", chunk)
-        learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+        learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
                                   progress=False, teacher=copy.deepcopy(tiny_model))
         results.append((learner.accumulate_gradients(windows), learner.r1.grad.clone(), learner.r2.grad.clone()))
     (loss_a, g1_a, g2_a), (loss_b, g1_b, g2_b) = results
@@ -75,7 +78,7 @@ def test_kl_loss_in_position_chunks_equals_whole(tiny_model, monkeypatch):
 
 
 def _learn(model_dir, corpus_file, out, stop_after=None, steps=10):
-    cfg = LearnConfig(steps=steps, batch_size=2, micro_batch=1, lr=1.5, w_bits=4, save_every=5)
+    cfg = LearnConfig(steps=steps, batch_size=2, micro_batch=1, lr=1.5, a_bits=4, save_every=5)
     calib = CalibrationSet(source=str(corpus_file), nsamples=20, seqlen=48)
     return learn_rotations(str(model_dir), str(out), cfg, calib, device="cpu", progress=False, stop_after=stop_after)
 
@@ -92,7 +95,10 @@ def test_resume_equals_uninterrupted(tiny_model_dir, corpus_file, tmp_path):
     torch.save(state, state_file)
     rest = _learn(tiny_model_dir, corpus_file, tmp_path / "resumed")
     assert rest["finished"] and rest["resumed_from"] == 5
-    a, b = load_rbin(tmp_path / "full" / "R.bin"), load_rbin(tmp_path / "resumed" / "R.bin")
+    # the learned rotations (learned/ when the held-out check kept the start: a random model's windows are noise)
+    a, b = (load_rbin(d / "learned" / "R.bin" if (d / "learned").is_dir() else d / "R.bin")
+            for d in (tmp_path / "full", tmp_path / "resumed"))
+    assert (tmp_path / "full" / "learned").is_dir() == (tmp_path / "resumed" / "learned").is_dir()
     assert (a.r1 - b.r1).abs().max() < 1e-5
     assert max((x - y).abs().max().item() for x, y in zip(a.r2, b.r2)) < 1e-5
     assert full["losses"] == pytest.approx(rest["losses"], abs=1e-6)
@@ -147,10 +153,11 @@ def test_torchrun_two_ranks_learn_what_one_rank_learns(tiny_model_dir, corpus_fi
     torchrun = Path(sys.executable).with_name("torchrun")
     args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "4",
             "--batch-size", "4", "--seqlen", "48", "--device", "cpu", "--w-bits", "4", "--scales", "--scale-lr", "0.05"]
+    # the research command: the learned channel scales' gradients are all-reduced as the rotations' are
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "spinquant", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "spinquant.experimental", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "spinquant", *args, "--out",
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "spinquant.experimental", *args, "--out",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_rbin(tmp_path / "one" / "R.bin"), load_rbin(tmp_path / "two" / "R.bin")
@@ -180,7 +187,7 @@ def test_kl_loss_is_zero_without_quantization_and_positive_with_it(tiny_model):
     losses = {}
     for w_bits, a_bits in ((16, 16), (4, 8)):
         cfg = LearnConfig(steps=1, batch_size=2, micro_batch=2, w_bits=w_bits, a_bits=a_bits, loss="kl")
-        learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+        learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
                                   progress=False, teacher=copy.deepcopy(tiny_model))
         losses[w_bits] = learner.accumulate_gradients(windows)
     assert abs(losses[16]) < 1e-6 and losses[4] > 1e-4
@@ -193,13 +200,13 @@ def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(t
     from spinquant.architectures import LLAMA
     from spinquant.quant.gptq import gptq_quantize
     from spinquant.quant.scheme import QuantScheme
-    from spinquant.rotation_gptq import _input_rotation, collect_hessians
+    from spinquant.experimental.rotation_gptq import _input_rotation, collect_hessians
 
     untie_embeddings(tiny_model)
     windows = torch.randint(0, tiny_model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     cfg = LearnConfig(steps=3, batch_size=4, micro_batch=4, lr=0.5, w_bits=4, a_bits=8, weight_quant="gptq", gptq_windows=8,
                       grad_checkpoint=False)
-    learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
+    learner = ResearchLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"), progress=False)
     learner.run(stop_after=1)  # rotations away from the Hadamard start
     rot = learner.rotations()
 
@@ -241,13 +248,19 @@ def test_gptq_in_the_loop_loss_is_the_loss_of_the_gptq_quantized_rotated_model(t
 def test_cli_gptq_in_the_loop_and_its_bad_input(tiny_model_dir, corpus_file, tmp_path):
     base = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--steps", "2",
             "--batch-size", "2", "--seqlen", "48", "--weight-quant", "gptq", "--loss", "kl"]
-    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "bad")])  # W16 has no int4 weights to GPTQ
+    r = CliRunner().invoke(experimental, base + ["--out", str(tmp_path / "bad")])  # W16 has no int4 weights to GPTQ
     assert r.exit_code != 0 and "--w-bits 4" in r.output and not (tmp_path / "bad" / "R.bin").exists()
-    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "ok"), "--w-bits", "4"])
+    r = CliRunner().invoke(experimental, base + ["--out", str(tmp_path / "ok"), "--w-bits", "4"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "ok" / "losses.json").read_text())
     assert summary["config"]["weight_quant"] == "gptq" and summary["config"]["loss"] == "kl" and len(summary["losses"]) == 2
     assert orthogonality_error(load_rbin(tmp_path / "ok" / "R.bin").r1) < 1e-4
+    # the research settings are not on the main path: its command has no such options, its learner refuses them
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "main"), "--w-bits", "4"])
+    assert r.exit_code == 2 and "No such option" in r.output and not (tmp_path / "main").exists()
+    with pytest.raises(SpinQuantError, match="w_bits < 16, loss kl: research settings"):
+        RotationLearner(load_model(tiny_model_dir), torch.zeros(2, 8, dtype=torch.long),
+                        LearnConfig(w_bits=4, loss="kl"), torch.device("cpu"))
 
 
 def _turn_angle(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -318,7 +331,7 @@ def test_learning_that_worsens_the_held_out_loss_keeps_its_start(tiny_model_dir,
     says so. A run that helps keeps what it learned and leaves no learned/ folder."""
     args = ["learn-rotations", "--model", str(tiny_model_dir), "--calib-data", str(corpus_file), "--nsamples", "4",
             "--seqlen", "48", "--steps", "2", "--batch-size", "2", "--w-bits", "4", "--a-bits", "4", "--loss", "kl", "--scales"]
-    good = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "good")])
+    good = CliRunner().invoke(experimental, [*args, "--out", str(tmp_path / "good")])
     assert good.exit_code == 0, good.output
     held = json.loads((tmp_path / "good" / "losses.json").read_text())["held_out"]
     assert held["windows"] == 8 and held["kept"] == ("learned" if held["learned_loss"] <= held["start_loss"] else "start")
@@ -334,7 +347,7 @@ def test_learning_that_worsens_the_held_out_loss_keeps_its_start(tiny_model_dir,
 
     monkeypatch.setattr(RotationLearner, "run", diverging_run)
     out = tmp_path / "bad"
-    r = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    r = CliRunner().invoke(experimental, [*args, "--out", str(out)])
     assert r.exit_code == 0, r.output
     held = json.loads((out / "losses.json").read_text())["held_out"]
     assert held["kept"] == "start" and held["learned_loss"] > 5 * held["start_loss"]

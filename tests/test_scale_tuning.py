@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from spinquant.cli import cli
-from spinquant.errors import SpinQuantError
+from spinquant.architectures import architecture_of
+from spinquant.experimental.norm_tuning import tune_scales_and_norms
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.formats import load_model
 from spinquant.formats.hf import untie_embeddings
@@ -67,7 +68,7 @@ def test_scale_tuning_lowers_the_kl_keeps_the_integers_and_exports(tiny_model, t
 
 
 def _norm_weights(model) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in scale_tuning.tunable_norms(model)}
+    return {n: m.weight.detach().clone() for n, m in architecture_of(model.config).norms(model)}
 
 
 def test_scale_tuning_with_norms_tunes_every_norm_and_exports(tiny_model, tmp_path):
@@ -78,10 +79,10 @@ def test_scale_tuning_with_norms_tunes_every_norm_and_exports(tiny_model, tmp_pa
     assert len(norms_before) == 2 * tiny_model.config.num_hidden_layers + 1
     windows = _windows(tiny_model, 16, 0)
     kl_before = _kl(model, tiny_model, windows)
-    cfg = ScaleTuningConfig(steps=16, lr=1e-2, norms=True)
-    tune_scales(model, tiny_model, windows, cfg, progress=False)
+    cfg = ScaleTuningConfig(steps=16, lr=1e-2)
+    tune_scales_and_norms(model, tiny_model, windows, cfg, progress=False)  # spinquant.experimental
     assert _kl(model, tiny_model, windows) < 0.9 * kl_before
-    for name, norm in scale_tuning.tunable_norms(model):
+    for name, norm in architecture_of(model.config).norms(model):
         assert type(norm).__name__ == "LlamaRMSNorm" and isinstance(norm.weight, torch.nn.Parameter), name
         assert not norm.weight.requires_grad and not torch.equal(norm.weight, norms_before[name]), name
     assert 0 < cfg.stats["norm_relative_change"]["mean"] <= cfg.stats["norm_relative_change"]["max"]
@@ -108,13 +109,13 @@ def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scale_tuning, "chunked_kl", failing)
+    tune = tune_scales_and_norms if norms else tune_scales
     with pytest.raises(RuntimeError, match="simulated"):
-        tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=4, lr=1e-2, norms=norms),
-                    progress=False)
+        tune(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=4, lr=1e-2), progress=False)
     assert len(calls) == 3
     for name, lin in quant_linears(model):
         assert torch.equal(lin.scales, before[name]) and lin.scale_log_offset is None, name
-    for name, norm in scale_tuning.tunable_norms(model):
+    for name, norm in architecture_of(model.config).norms(model):
         assert type(norm).__name__ == "LlamaRMSNorm" and torch.equal(norm.weight, norms_before[name]), name
 
 
@@ -123,8 +124,6 @@ def test_scale_tuning_refuses_bad_input(tiny_model):
         ScaleTuningConfig(steps=-1)
     with pytest.raises(ValueError, match="learning rate must be positive"):
         ScaleTuningConfig(steps=1, lr=0.0)
-    with pytest.raises(SpinQuantError, match="give --tune-scales-steps N"):
-        ScaleTuningConfig(steps=0, norms=True)  # the norms are tuned inside the scale tuning: it would do nothing
     model = _rtn_model(tiny_model)
     with pytest.raises(ValueError, match="needs 5 windows"):
         tune_scales(model, tiny_model, _windows(tiny_model, 4, 1), ScaleTuningConfig(steps=5), progress=False)
@@ -146,34 +145,10 @@ def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_di
     assert st["calibration"]["nsamples"] == 3 and st["calibration"]["seed"] == 1  # GPTQ's seed (0) + 1: other windows
     a, b = load_model(plain).model.layers[1].mlp.down_proj, load_model(tuned).model.layers[1].mlp.down_proj
     assert torch.equal(a.qweight, b.qweight) and not torch.equal(a.scales, b.scales)
-    # --tune-norms: recorded, and the norm weights move too (the integers still those of the untuned run)
-    normed = tmp_path / "normed"
-    r = CliRunner().invoke(cli, [*base, "--out", str(normed), "--tune-scales-steps", "3", "--tune-scales-lr", "0.01",
-                                 "--tune-norms"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((normed / "quant_config.json").read_text())["scale_tuning"]["norms"] is True
-    assert st["norms"] is False
-    a_norm = load_model(plain).model.layers[1].post_attention_layernorm.weight
-    c = load_model(normed).model.layers[1]
-    assert not torch.equal(a_norm, c.post_attention_layernorm.weight) and torch.equal(a.qweight, c.mlp.down_proj.qweight)
     # the tuning is part of what the run is: the same --out with other tuning options is another run (refused)
     r = CliRunner().invoke(cli, [*base, "--out", str(tuned), "--tune-scales-steps", "4"])
     assert r.exit_code == 2, r.output
-    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "nosteps"), "--tune-norms"])  # would do nothing: refused
-    assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "nosteps").exists()
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "normed"), "--tune-norms"])  # spinquant.experimental's
+    assert r.exit_code == 2 and "No such option" in r.output and not (tmp_path / "normed").exists()
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "neg"), "--tune-scales-steps", "-1"])
     assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "neg").exists()
-
-
-def test_quantize_identity_names_norm_tuning_only_when_on():
-    from spinquant.data import CalibrationSet
-    from spinquant.pipeline import quantize_identity
-
-    calib = CalibrationSet(source="text.raw", nsamples=4, seqlen=64, seed=0)
-    wq = WeightQuantConfig(method="gptq")
-    ident = {norms: quantize_identity("m", META_8DA4W, wq, "hadamard", calib, 0, None,
-                                      tuning=ScaleTuningConfig(steps=3, norms=norms))["scale_tuning"]
-             for norms in (False, True)}
-    assert "norms" not in ident[False]  # runs tuned before the option existed keep their identity
-    assert ident[True] == {**ident[False], "norms": True}
-    assert ident[False]["calibration"]["seed"] == 1 and ident[False]["calibration"]["nsamples"] == 3

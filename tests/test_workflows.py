@@ -89,7 +89,7 @@ def test_recipe_meta_pins_its_options(tiny_model_dir, corpus_file, tmp_path):
     r = _calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--recipe", "meta")
     _one_line_error(r, "--recipe meta sets steps 100, but steps 3 was given")
     assert "drop steps" in r.output and "drop --recipe meta" in r.output
-    for key, value, message in (("learn_loss", "kl", "sets learn_loss ce, but learn_loss kl was given"),
+    for key, value, message in (("lr", "1.0", "sets lr 1.5, but lr 1.0 was given"),
                                 ("gptq_objective", "float", "sets gptq_objective layer, but gptq_objective float was given"),
                                 ("max_angle", "0.05", "sets max_angle 0.0, but max_angle 0.05 was given"),
                                 ("gptq_target", "float", "sets gptq_objective layer")):  # a recorded old name, read as today's
@@ -177,39 +177,25 @@ def test_no_learning_route_uses_the_seeded_random_hadamard(tiny_model_dir, corpu
     assert (load_rbin(tmp_path / "run_layer" / "R.bin").r1 == got.r1).all()  # same rotation, other quantizer
 
 
-def test_calibrate_tunes_the_norms_only_when_asked(tiny_model_dir, corpus_file, tmp_path):
-    """--tune-norms: the scale tuning also tunes the RMSNorm weights; recorded, reported, part of the run's identity."""
-    from spinquant.formats import load_model
+def test_research_keys_moved_to_experimental(tiny_model_dir, corpus_file, tmp_path):
+    """Recipe keys that moved to spinquant.experimental: named at the value calibrate runs, accepted (old batch files);
+    at another, refused in one line before anything is created, naming where they went."""
+    from spinquant import workflow
 
-    fast = ("--no-pte", "--rotations", "hadamard", "--set", "tune_scales_steps=2", "--set", "tune_scales_lr=0.01")
-    out = tmp_path / "run"
-    r = _calibrate(tiny_model_dir, out, corpus_file, *fast, "--set", "tune_norms=true")
-    assert r.exit_code == 0, r.output
-    assert json.loads((out / "calibrate_config.json").read_text())["tune_norms"] is True
-    assert json.loads((out / "quant_config.json").read_text())["scale_tuning"]["norms"] is True
-    assert "After GPTQ the scales and RMSNorm weights were tuned end to end" in (out / "report.md").read_text()
-    # the fused norms were all ones (their scales live in the next linears); tuned, they moved
-    layer = load_model(out).model.layers[0]
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-        assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
-    plain = tmp_path / "plain"
-    r = _calibrate(tiny_model_dir, plain, corpus_file, *fast)
-    assert r.exit_code == 0, r.output
-    assert json.loads((plain / "quant_config.json").read_text())["scale_tuning"]["norms"] is False
-    assert "After GPTQ the scales were tuned end to end" in (plain / "report.md").read_text()
-    assert torch.equal(load_model(plain).model.layers[0].input_layernorm.weight,
-                       torch.ones_like(layer.input_layernorm.weight))
-    # the same directory without --tune-norms is another run: refused, named
-    r = _calibrate(tiny_model_dir, out, corpus_file, *fast)
-    assert r.exit_code == 2 and "tune_norms" in r.output, r.output
-    # norms without the tuning would do nothing, and Meta's recipe tunes nothing: refused before anything is created
-    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o1", corpus_file, "--set", "tune_norms=true", "--set",
-                               "tune_scales_steps=0"),
-                    "give --tune-scales-steps N (N > 0), or drop --tune-norms")
-    r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"), "--recipe", "meta",
-                                 "--set", "tune_norms=true"])
-    _one_line_error(r, "--recipe meta sets tune_norms False, but tune_norms True was given")
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    opts = workflow.CalibrateOptions.build("m", None, learn_loss="ce", learn_w_bits=16, tune_norms=False)
+    assert not hasattr(opts, "learn_loss") and not hasattr(opts, "tune_norms")
+    for key, value in (("learn_loss", "kl"), ("learn_weight_quant", "gptq"), ("learn_w_bits", "4"), ("tune_norms", "true")):
+        r = _calibrate(tiny_model_dir, tmp_path / "o", corpus_file, "--set", f"{key}={value}")
+        _one_line_error(r, f"{key} {value if value != 'true' else True}: a research setting, moved to spinquant.experimental")
+    assert not (tmp_path / "o").exists()
+    # a run made when the norms could be tuned inside calibrate is not requantized without them: refused, named
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    (old_run / "calibrate_config.json").write_text(json.dumps({"model": str(tiny_model_dir), "tune_norms": True}))
+    (old_run / "R.bin").write_bytes(b"")
+    r = CliRunner().invoke(cli, ["requantize", "--from", str(old_run), "--target", "xnnpack-8da4w-g64"])
+    _one_line_error(r, "also tuned the RMSNorm weights (tune_norms)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
 def test_resume_skips_finished_stages(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
@@ -300,7 +286,6 @@ def test_bad_inputs(tiny_model_dir, corpus_file, tmp_path, calibrated):
     r = CliRunner().invoke(cli, ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o4"),
                                  "--calib-data", str(empty), *FAST])
     _one_line_error(r, "is empty")
-    _one_line_error(_calibrate(tiny_model_dir, tmp_path / "o5", corpus_file, "--set", "learn_weight_quant=gptq"), "--w-bits 4")
     # values a recipe file, a batch YAML or the Python API can bring unchecked by click
     with pytest.raises(workflow.SpinQuantError, match="gptq_objective Float: choose float or layer"):
         workflow.calibrate(workflow.CalibrateOptions(model=str(tiny_model_dir), out=str(tmp_path / "o6"), gptq_objective="Float"))

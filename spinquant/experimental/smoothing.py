@@ -25,7 +25,6 @@ from torch import nn
 
 from spinquant.architectures import architecture_of, head_dim
 from spinquant.fusion import SCALE_KINDS, ChannelScales, Rotations, apply_rotations, fuse_and_rotate
-from spinquant.outliers import forward_windows
 
 
 @torch.no_grad()
@@ -97,3 +96,16 @@ def smooth_scales(model: nn.Module, rot: Rotations, windows: torch.Tensor, alpha
     readers = migrate(("attn_in", "mlp_in"), weight_column_absmax(work))
     del work
     return ChannelScales(**producers, **readers)
+
+
+@torch.no_grad()
+def forward_windows(model: nn.Module, windows: torch.Tensor, hooks: list) -> None:
+    """Run ``model`` on each of ``windows`` (n, seqlen) alone, then remove ``hooks`` (the handles of the observers
+    that watched those passes), also when a pass fails."""
+    device = next(model.parameters()).device
+    try:
+        for w in windows:
+            model(w[None].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
