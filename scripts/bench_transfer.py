@@ -65,7 +65,10 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=128, help="scale-tuning windows (one per step; 0: no tuning row)")
     ap.add_argument("--tune-lr", type=float, default=DEFAULT_TUNE_LR)
     ap.add_argument("--target-damp", type=float, default=DEFAULTS["gptq_objective_damp"])
-    ap.add_argument("--learned-steps", type=int, default=0, help="also learn R1/R2 (batch 4) and repeat the last row")
+    ap.add_argument("--learned-steps", type=int, default=0, help="also learn R1/R2 (batch 4) and repeat the last rows")
+    ap.add_argument("--no-hadamard-rows", action="store_true", help="with --learned-steps: the learned rows only")
+    ap.add_argument("--only", default=None, help="comma list of the steps to run: plain, float, refit, tuning (tuning "
+                    "needs refit before it) [default: all]")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/transfer"))
@@ -134,7 +137,8 @@ def main() -> None:
         float_ppl = {r["text"]: r["ppl"] for r in rows if r["seed"] is None}
         lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
                  f"8da4w (Meta's), R4 {'on' if r4 else 'off (intermediate size not a power of two)'}; calibration "
-                 f"{Path(args.calib_data).name}, GPTQ {args.gptq_nsamples} x {args.seqlen} tokens, tuning {args.tune_steps} x "
+                 f"{Path(args.calib_data).name}, GPTQ {args.gptq_nsamples} x {args.seqlen} tokens (float objective damped "
+                 f"{args.target_damp}), tuning {args.tune_steps} x "
                  f"{args.seqlen} (other windows), seeds {', '.join(map(str, seeds))} (cells: seed by seed); evaluation "
                  f"{args.windows} x {args.eval_seqlen} tokens spread over each text; float PPL "
                  + ", ".join(f"{n} {float_ppl[n]:.2f}" for n in names) + ".", "",
@@ -149,8 +153,13 @@ def main() -> None:
         print("\n".join(lines))
 
     steps = ("plain GPTQ", "+ float objective", "+ scale refit") + (("+ scale tuning",) if args.tune_steps else ())
+    if args.only:
+        short = dict(zip(("plain", "float", "refit", "tuning"), ("plain GPTQ", "+ float objective", "+ scale refit",
+                                                                 "+ scale tuning")))
+        steps = tuple(short[k] for k in args.only.split(","))
     for seed in (int(s) for s in args.seeds.split(",")):
-        quantizer_rows(seed, Rotations.random_hadamard(base, seed, r4=r4), "Hadamard, ", steps)
+        if not args.no_hadamard_rows:
+            quantizer_rows(seed, Rotations.random_hadamard(base, seed, r4=r4), "Hadamard, ", steps)
         if args.learned_steps:
             cfg = LearnConfig(steps=args.learned_steps, batch_size=4, seed=seed, r4=r4, max_angle=DEFAULTS["max_angle"])
             learn_set = CalibrationSet(source=args.calib_data, nsamples=args.learned_steps * 4, seqlen=args.seqlen,

@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from spinquant.errors import SpinQuantError
 
@@ -68,7 +69,8 @@ def run_export_llama(ckpt_dir: Path, out_pte: Path, mode: str, group_size: int, 
                              spin, bos, eos, max_seq_len, full_logits, runtime, model)
         t = time.perf_counter()
         print(f"[spinquant] running executorch's export_llama (minutes; log: {log_file or 'not kept'}) ...", file=sys.stderr, flush=True)
-        proc = run_child(cmd, cwd=work)
+        with tqdm(desc="export_llama", bar_format="{desc}: {elapsed} elapsed", file=sys.stderr) as clock:
+            proc = run_child(cmd, cwd=work, tick=clock.refresh)
         seconds = time.perf_counter() - t
         if log_file is not None:
             log_file.write_text(f"$ {' '.join(cmd)}\n\n{proc.stdout}\n{proc.stderr}")
@@ -92,8 +94,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a child in its own process group, output captured; if we are interrupted (SIGINT, or SIGTERM turned
+TICK_SECONDS = 5.0
+
+
+def run_child(cmd: list[str], cwd: Path, tick: Callable[[], Any] | None = None) -> subprocess.CompletedProcess:
+    """Run a child in its own process group, output captured, calling ``tick()`` every TICK_SECONDS while it runs (the
+    exporter is silent for minutes: the caller shows the elapsed time); if we are interrupted (SIGINT, or SIGTERM turned
     into the CLI's Terminated exception) the whole group is killed before the exception goes on, so no exporter keeps
     running behind us. (subprocess.run kills only the direct child, and only on SIGINT.) If we are killed outright, the
     kernel kills the child (:func:`_die_with_parent`)."""
@@ -102,7 +108,12 @@ def run_child(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
-        out, err = proc.communicate()
+        while True:
+            try:
+                out, err = proc.communicate(timeout=TICK_SECONDS if tick is not None else None)
+                break
+            except subprocess.TimeoutExpired:  # retrying communicate() loses no output (subprocess docs)
+                tick()
     except BaseException:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

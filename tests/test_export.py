@@ -83,6 +83,7 @@ def exported_run(tmp_path_factory, tiny_model_dir, corpus_file):
     assert r.exit_code == 0, r.output
     r = _invoke("export", "--from", str(run), "--verify-seqlen", "64", "--verify-windows", "4", "--max-seq-len", "128")
     assert r.exit_code == 0, r.output
+    assert "export_llama: 00:" in r.output and " elapsed" in r.output  # the silent exporter's clock
     return run
 
 

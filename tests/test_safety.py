@@ -552,6 +552,16 @@ def test_sigkill_during_learning_resumes_from_the_saved_state(world, tmp_path):
     assert (out / "R.bin").is_file() and not [p for p in out.iterdir() if ".partial-" in p.name]
 
 
+def test_the_exporter_child_ticks_while_it_runs_and_loses_no_output(monkeypatch):
+    import spinquant.pte as pte
+
+    monkeypatch.setattr(pte, "TICK_SECONDS", 0.05)
+    ticks = []
+    proc = pte.run_child([sys.executable, "-c", "import time; print('a'); time.sleep(0.4); print('b')"], Path("."),
+                         tick=lambda: ticks.append(1))
+    assert proc.returncode == 0 and proc.stdout.split() == ["a", "b"] and len(ticks) >= 3
+
+
 def test_a_killed_spinquant_takes_its_exporter_child_with_it():
     """SIGKILL (or the OOM killer) reaches no handler of ours: the kernel must end the exporter's process group leader."""
     code = "from pathlib import Path; from spinquant.pte import run_child; run_child(['sleep', '300'], Path('.'))"
