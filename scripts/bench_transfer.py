@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
-from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, hf_logits_fn
+from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
 from spinquant.formats import load_model, load_tokenizer
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.pipeline import tuning_calibration
@@ -41,16 +41,17 @@ from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
 from spinquant.quant.scheme import DEFAULT_TUNE_LR, META_8DA4W
 from spinquant.recipes import DEFAULTS
 from spinquant.rotation import LearnConfig, main_learner
+from spinquant.targets import DEFAULT_TARGET, get_target
+from spinquant.workflow import resolve_r4
 from _common import SHARED, result_path
 
 
 def spread_windows(ids: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:
-    """(n, seqlen): every k-th of the text's consecutive non-overlapping windows, k = total // n (first at 0)."""
-    total = ids.numel() // seqlen
-    if total < n:
-        raise SystemExit(f"the text has {total} windows of {seqlen} tokens, fewer than {n}")
-    all_windows = ids[: total * seqlen].view(total, seqlen)
-    return all_windows[torch.arange(n) * (total // n)]
+    """(n, seqlen): every k-th of the text's evaluation windows (evaluation_windows), k = total // n (first at 0)."""
+    all_windows = evaluation_windows(ids, seqlen)
+    if all_windows.shape[0] < n:
+        raise SystemExit(f"the text has {all_windows.shape[0]} windows of {seqlen} tokens, fewer than {n}")
+    return all_windows[torch.arange(n) * (all_windows.shape[0] // n)]
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     base = load_model(args.model)
-    r4 = (base.config.intermediate_size & (base.config.intermediate_size - 1)) == 0  # ExecuTorch: powers of two only
+    r4 = resolve_r4("auto", base.config.intermediate_size, get_target(DEFAULT_TARGET), pte=True)[0] == "on"  # as calibrate
     texts = dict(item.split("=", 1) for item in args.texts.split(","))
     windows = {name: spread_windows(evaluation_ids(tok, path), args.eval_seqlen, args.windows) for name, path in texts.items()}
     t = time.perf_counter()
@@ -136,7 +137,7 @@ def main() -> None:
 
         float_ppl = {r["text"]: r["ppl"] for r in rows if r["seed"] is None}
         lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
-                 f"8da4w (Meta's), R4 {'on' if r4 else 'off (intermediate size not a power of two)'}; calibration "
+                 f"8da4w (Meta's), R4 {'on' if r4 else 'off (ExecuTorch cannot run it at this intermediate size)'}; calibration "
                  f"{Path(args.calib_data).name}, GPTQ {args.gptq_nsamples} x {args.seqlen} tokens (float objective damped "
                  f"{args.target_damp}), tuning {args.tune_steps} x "
                  f"{args.seqlen} (other windows), seeds {', '.join(map(str, seeds))} (cells: seed by seed); evaluation "

@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import logging
 
@@ -31,7 +31,7 @@ from spinquant.quant.apply import WeightQuantConfig  # noqa: E402
 from spinquant.quant.scale_tuning import ScaleTuningConfig  # noqa: E402
 from spinquant.quant.scheme import QuantScheme  # noqa: E402
 from spinquant.recipes import DEFAULTS  # noqa: E402
-from spinquant.rotation import LearnConfig  # noqa: E402
+from spinquant.rotation import LearnConfig, main_learner  # noqa: E402
 from spinquant.targets import DEFAULT_TARGET, TARGETS, get_target  # noqa: E402
 from spinquant.workflow import CalibrateOptions, calibrate as run_calibrate, requantize as run_requantize, resolve_r4  # noqa: E402
 
@@ -182,23 +182,28 @@ def eval_cmd(model_src: str, data: str, seqlen: int, max_windows: int | None, re
         click.echo(f"{k:<{width}}  {v}")
 
 
-def calibration_options(nsamples_default: int, windows_flag: str = "--nsamples", what: str = "Learning"):
-    """--calib / --calib-data / NSAMPLES / --seqlen / --text-field, shared by the commands that calibrate; the windows
-    are --nsamples (learning windows) or --gptq-nsamples (GPTQ's), one name per meaning in every command."""
+def option_stack(options: list) -> Callable:
+    """One decorator applying click ``options`` (decorators) in the order listed, as if stacked above a command."""
 
     def deco(fn):
-        for opt in reversed([
-            click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: a bundled name or a YAML file (see calibration/README.md)."),
-            click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet or a folder) or hub:NAME[:CONFIG[:SPLIT]]; replaces the set's source."),
-            click.option(windows_flag, "nsamples", type=int, default=None,
-                         help=f"{what} windows [default: the set's, else {nsamples_default}]."),
-            click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [default: the set's, else 2048]."),
-            click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: the set's, else text]; rows with 'messages' are chat."),
-        ]):
+        for opt in reversed(options):
             fn = opt(fn)
         return fn
 
     return deco
+
+
+def calibration_options(nsamples_default: int, windows_flag: str = "--nsamples", what: str = "Learning"):
+    """--calib / --calib-data / NSAMPLES / --seqlen / --text-field, shared by the commands that calibrate; the windows
+    are --nsamples (learning windows) or --gptq-nsamples (GPTQ's), one name per meaning in every command."""
+    return option_stack([
+        click.option("--calib", default="wikitext2", show_default=True, help="Calibration set: a bundled name or a YAML file (see calibration/README.md)."),
+        click.option("--calib-data", default=None, help="Local calibration text (.txt/.raw/.jsonl/.parquet or a folder) or hub:NAME[:CONFIG[:SPLIT]]; replaces the set's source."),
+        click.option(windows_flag, "nsamples", type=int, default=None,
+                     help=f"{what} windows [default: the set's, else {nsamples_default}]."),
+        click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [default: the set's, else 2048]."),
+        click.option("--text-field", default=None, help="Field of .jsonl/.parquet rows that holds the text [default: the set's, else text]; rows with 'messages' are chat."),
+    ])
 
 
 @cli.command()
@@ -315,23 +320,18 @@ LEARN_OPTIONS = [
 ]
 
 
-def learn_options(fn):
-    """The options of ``learn-rotations`` (spinquant.experimental's command adds its own to them)."""
-    for opt in reversed(LEARN_OPTIONS):
-        fn = opt(fn)
-    return fn
+learn_options = option_stack(LEARN_OPTIONS)  # spinquant.experimental's learn-rotations adds its own to them
 
 
 def run_learn_rotations(model_src: str, out_dir: str, calib: str, calib_data: str | None, nsamples: int | None,
                         seqlen: int | None, text_field: str | None, r4: str, device: str, tokenizer_src: str | None,
-                        overwrite: bool, max_angle: float, learner_factory=None, **learn: Any) -> None:
+                        overwrite: bool, max_angle: float, learner_factory=main_learner, **learn: Any) -> None:
     """learn-rotations' body: ``learn`` holds the LearnConfig fields given (experimental: its research options too)."""
     r4_on, note = _r4_on(r4, model_src)
     cfg = LearnConfig(r4=r4_on, max_angle=max_angle or None, **learn)
     calib_set = resolve_calibration(calib, calib_data, nsamples, seqlen, cfg.seed, cfg.steps * cfg.batch_size, text_field)
-    factory = {"learner_factory": learner_factory} if learner_factory is not None else {}
     s = learn_rotations(model_src, out_dir, cfg, calib_set, device=device, tokenizer_src=tokenizer_src, overwrite=overwrite,
-                        **factory)
+                        learner_factory=learner_factory)
     if s.get("rank", 0) != 0:
         return
     if s.get("finished"):

@@ -238,8 +238,9 @@ class RotationLearner:
     def __init__(self, model: nn.Module, windows: torch.Tensor, cfg: LearnConfig, device: torch.device,
                  state_dir: Path | None = None, progress: bool = True) -> None:
         cfg.check()
-        if research_options(cfg) and not self.research:
-            raise SpinQuantError(f"{', '.join(research_options(cfg))}: research settings of the rotation learning, not "
+        research = research_options(cfg)
+        if research and not self.research:
+            raise SpinQuantError(f"{', '.join(research)}: research settings of the rotation learning, not "
                                  f"on the main path: spinquant.experimental (docs/experimental.md)")
         self.teacher: nn.Module | None = None
         self.cfg, self.device, self.state_dir, self.progress = cfg, device, state_dir, progress

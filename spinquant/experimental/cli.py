@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from spinquant.cli import friendly_errors, learn_options, run_learn_rotations
+from spinquant.cli import friendly_errors, learn_options, option_stack, run_learn_rotations
 from spinquant.experimental.learning import research_learner
 
 RESEARCH_OPTIONS = [
@@ -34,10 +34,7 @@ def experimental() -> None:
     """spinquant's research commands (docs/experimental.md): measured without a gain on the deployed targets."""
 
 
-def research_options(fn):
-    for opt in reversed(RESEARCH_OPTIONS):
-        fn = opt(fn)
-    return fn
+research_options = option_stack(RESEARCH_OPTIONS)
 
 
 @experimental.command("learn-rotations")
