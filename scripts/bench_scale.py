@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--quantize-rtn", action="store_true",
                     help="only `spinquant quantize --method rtn` (load, rotate, quantize, checkpoint, reload check): the "
                          "memory of the whole-model stages at full depth without GPTQ's hours on a CPU")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more recipe key for calibrate (repeatable), e.g. tune_scales_steps=2")
     ap.add_argument("--work", default=None, help="working folder (kept) [default: a temp folder, removed]")
     ap.add_argument("--layers", type=int, default=None, help="override the depth (a quick check; results named _<N>L)")
     args = ap.parse_args()
@@ -234,6 +236,8 @@ def main() -> None:
                 cmd += ["--set", f"nsamples={args.nsamples}"]
             if args.no_pte:
                 cmd.append("--no-pte")
+            for item in args.sets:
+                cmd += ["--set", item]
         code, peaks, wall = run_monitored(cmd, work / "log.txt")
         stages = json.loads((run / "stages.json").read_text()) if (run / "stages.json").is_file() else {}
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}

@@ -53,6 +53,29 @@ def orthogonality_error(q: torch.Tensor) -> float:
     return (q.T @ q - torch.eye(q.shape[0], dtype=torch.float64, device=q.device)).abs().max().item()
 
 
+def _fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
+    """Fold an RMSNorm's scale into the input columns of ``linears`` (``W <- W diag(g)``, float64) and set it to 1."""
+    g = norm.weight.double()
+    for lin in linears:
+        gd = g.to(lin.weight.device)[None, :]
+        transform_rows_(lin.weight.data, lambda rows: rows * gd)
+    norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def fuse_layer_norms(layer: nn.Module, arch: Architecture) -> None:
+    """Fold one decoder layer's RMSNorms into the linears that read them (the map's ``norm``), in place."""
+    for norm, readers in arch.norm_readers().items():
+        _fold_norm(layer.get_submodule(norm), [layer.get_submodule(r) for r in readers])
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module) -> None:
+    """Fold the final RMSNorm into the output layer, in place."""
+    arch = architecture_of(model.config)
+    _fold_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.head)])
+
+
 @torch.no_grad()
 def fuse_norms(model: nn.Module) -> nn.Module:
     """Fold every RMSNorm scale into the linears that read its output (the map's ``norm``); set the norms to 1.
@@ -61,18 +84,9 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     head = model.get_submodule(arch.head)
     if head.weight.data_ptr() == model.get_submodule(arch.embedding).weight.data_ptr():
         raise SpinQuantError("fuse_norms needs untied embeddings: call untie_embeddings first")
-
-    def fold(norm: nn.Module, linears: list[nn.Module]) -> None:
-        g = norm.weight.double()
-        for lin in linears:
-            gd = g.to(lin.weight.device)[None, :]
-            transform_rows_(lin.weight.data, lambda rows: rows * gd)
-        norm.weight.fill_(1.0)
-
     for layer in arch.decoder_layers(model):
-        for norm, readers in arch.norm_readers().items():
-            fold(layer.get_submodule(norm), [layer.get_submodule(r) for r in readers])
-    fold(model.get_submodule(arch.final_norm), [head])
+        fuse_layer_norms(layer, arch)
+    fuse_final_norm(model)
     return model
 
 
@@ -155,7 +169,9 @@ class Rotations:
         )
 
 
-def _install_online_r4(model: nn.Module) -> None:
+def install_online_r4(model: nn.Module) -> None:
+    """Wrap every R4 linear (the map's input side "R4") in :class:`HadamardInputLinear` (the online ``x @ H``) and mark
+    the config; no weight is read (the skeleton of a streamed model may be on the meta device)."""
     arch = architecture_of(model.config)
     for layer in arch.decoder_layers(model):
         for name in arch.rotated("R4", "input"):
@@ -173,7 +189,7 @@ def has_online_r4(model: nn.Module) -> bool:
 def restore_online_rotations(model: nn.Module) -> nn.Module:
     """Re-install the online R4 modules a saved rotated model needs (its config carries the flag)."""
     if has_online_r4(model):
-        _install_online_r4(model)
+        install_online_r4(model)
     return model
 
 
@@ -184,54 +200,74 @@ def _check_shape(name: str, q: torch.Tensor, n: int) -> None:
 
 @torch.no_grad()
 def apply_rotations(model: nn.Module, rot: Rotations) -> nn.Module:
-    """Fuse ``rot`` into the weights of a norm-fused, untied model, in place (float64 arithmetic), where the map says.
-
-    R1: the embedding's rows and every input-side R1 linear (and the output layer) ``W @ R1``, output-side ones
-    ``R1ᵀ @ W``. R2: output side per kv head ``R2ᵀ @ W_h``, input side per attention head ``W_h @ R2``. Channel
-    scales (if any) after R1/R2, then R4: ``W @ H`` plus an online ``x @ H`` before it. Per layer in that order."""
-    cfg = model.config
-    arch = architecture_of(cfg)
-    if rot.scales is not None:
-        rot.scales.check(cfg)
+    """Fuse ``rot`` into the weights of a norm-fused, untied model, in place (float64 arithmetic), where the map says:
+    :func:`check_rotations`, the embedding and output layer (:func:`rotate_ends`), every decoder layer
+    (:func:`rotate_layer`), then the online R4 modules."""
     if rot.r1 is not None and not norms_are_fused(model):
         raise SpinQuantError("R1 needs fused RMSNorms (a norm with a scale does not commute with rotation): call fuse_norms first")
-    hd = head_dim(cfg)
-    layers = arch.decoder_layers(model)
+    check_rotations(model.config, rot)
+    rotate_ends(model, rot)
+    for i, layer in enumerate(architecture_of(model.config).decoder_layers(model)):
+        rotate_layer(layer, i, rot, model.config)
+    if rot.r4:
+        install_online_r4(model)
+    return model
+
+
+def check_rotations(cfg, rot: Rotations) -> None:
+    """Shapes of R1, R2 (one per layer) and the channel scales against the model's config; SpinQuantError otherwise."""
+    if rot.scales is not None:
+        rot.scales.check(cfg)
     if rot.r1 is not None:
         _check_shape("R1", rot.r1, cfg.hidden_size)
-        r1 = rot.r1.double()
-        rotate_input_(model.get_submodule(arch.embedding).weight.data, r1)  # the embedding's rows are residual vectors
-        rotate_input_(model.get_submodule(arch.head).weight.data, r1)
-    if rot.r2 and len(rot.r2) != len(layers):
-        raise SpinQuantError(f"{len(rot.r2)} R2 matrices for a model with {len(layers)} layers")
+    if rot.r2 and len(rot.r2) != cfg.num_hidden_layers:
+        raise SpinQuantError(f"{len(rot.r2)} R2 matrices for a model with {cfg.num_hidden_layers} layers")
+    for i, r2 in enumerate(rot.r2):
+        _check_shape(f"R2 of layer {i}", r2, head_dim(cfg))
+
+
+@torch.no_grad()
+def rotate_ends(model: nn.Module, rot: Rotations, embedding: bool = True, head: bool = True) -> None:
+    """R1 on the embedding's rows (residual vectors) and the output layer's input side: ``W <- W @ R1``, in place."""
+    if rot.r1 is None:
+        return
+    arch = architecture_of(model.config)
+    for name, wanted in ((arch.embedding, embedding), (arch.head, head)):
+        if wanted:
+            rotate_input_(model.get_submodule(name).weight.data, rot.r1)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, i: int, rot: Rotations, cfg) -> None:
+    """Fuse ``rot`` into decoder layer ``i`` (norm-fused), in place, float64: R1 (input side ``W @ R1``, output side
+    ``R1ᵀ @ W``), R2 (output side per kv head ``R2ᵀ @ W_h``, input side per attention head ``W_h @ R2``), the channel
+    scales (after R1/R2), then R4's fold ``W @ H`` (its online half: :func:`install_online_r4`)."""
+    arch = architecture_of(cfg)
+    hd = head_dim(cfg)
     rows = arch.output_rows(cfg)
-    for i, layer in enumerate(layers):
-        if rot.r1 is not None:
-            for name in arch.rotated("R1", "input"):
-                rotate_input_(layer.get_submodule(name).weight.data, r1)
-            for name in arch.rotated("R1", "output"):
-                for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
-                    t.copy_(rotate_output(t, r1))
-        if rot.r2:
-            r2 = rot.r2[i].double()
-            _check_shape(f"R2 of layer {i}", r2, hd)
-            for name in arch.rotated("R2", "output"):  # per kv head: (n_kv, hd, in)
-                for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
-                    heads = t.double().view(-1, hd, t.shape[1])
-                    t.copy_(torch.einsum("ji,hjd->hid", r2.to(t.device), heads).reshape(t.shape).to(t.dtype))
-            for name in arch.rotated("R2", "input"):  # per attention head: (out, n_heads, hd)
-                w = layer.get_submodule(name).weight
-                w.copy_((w.double().view(w.shape[0], -1, hd) @ r2.to(w.device)).reshape(w.shape).to(w.dtype))
-        if rot.scales is not None:
-            _apply_layer_scales(layer, arch, rot.scales, i, cfg)
-        if rot.r4:
-            # W @ H4 by the fast Walsh-Hadamard transform of each row (float64): O(n log n) a row instead of a dense
-            # n x n product (at n = 8192 the dense fold was most of the rotate time of a 3B model)
-            for name in arch.rotated("R4", "input"):
-                transform_rows_(layer.get_submodule(name).weight.data, apply_hadamard)
+    if rot.r1 is not None:
+        r1 = rot.r1.double()
+        for name in arch.rotated("R1", "input"):
+            rotate_input_(layer.get_submodule(name).weight.data, r1)
+        for name in arch.rotated("R1", "output"):
+            for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
+                t.copy_(rotate_output(t, r1))
+    if rot.r2:
+        r2 = rot.r2[i].double()
+        for name in arch.rotated("R2", "output"):  # per kv head: (n_kv, hd, in)
+            for t in _output_tensors(layer.get_submodule(name), rows.get(name)):
+                heads = t.double().view(-1, hd, t.shape[1])
+                t.copy_(torch.einsum("ji,hjd->hid", r2.to(t.device), heads).reshape(t.shape).to(t.dtype))
+        for name in arch.rotated("R2", "input"):  # per attention head: (out, n_heads, hd)
+            w = layer.get_submodule(name).weight
+            w.copy_((w.double().view(w.shape[0], -1, hd) @ r2.to(w.device)).reshape(w.shape).to(w.dtype))
+    if rot.scales is not None:
+        _apply_layer_scales(layer, arch, rot.scales, i, cfg)
     if rot.r4:
-        _install_online_r4(model)
-    return model
+        # W @ H4 by the fast Walsh-Hadamard transform of each row (float64): O(n log n) a row instead of a dense
+        # n x n product (at n = 8192 the dense fold was most of the rotate time of a 3B model)
+        for name in arch.rotated("R4", "input"):
+            transform_rows_(layer.get_submodule(name).weight.data, apply_hadamard)
 
 
 def _output_tensors(linear: nn.Module, rows: slice | None) -> list[torch.Tensor]:

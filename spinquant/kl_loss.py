@@ -46,3 +46,19 @@ def chunked_kl(head: torch.nn.Module, teacher_head: torch.nn.Module, hidden: tor
         total = total + checkpoint(chunk_kl, head, teacher_head, hidden[:, part], teacher_hidden[:, part], amp,
                                    use_reentrant=False)
     return total
+
+
+def layer_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing per decoder layer on (and the model in train mode, which activates it in transformers;
+    the supported families have no dropout) or off: a backward through the model then holds one layer's activations
+    and weights at a time (the learner's rotated weights, the scale tuning's dequantized ones), not every layer's."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()

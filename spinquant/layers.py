@@ -11,7 +11,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                   "spinquant.quant.range_setting", "spinquant.quant.gptq", "spinquant.quant.scale_refit")),
     ("formats", ("spinquant.formats.",)),
     ("stages", ("spinquant.data", "spinquant.evaluate", "spinquant.quant.apply", "spinquant.quant.scale_tuning",
-                "spinquant.rotation", "spinquant.pte")),
+                "spinquant.rotation", "spinquant.pte", "spinquant.streaming")),
     ("policy", ("spinquant.preflight", "spinquant.targets", "spinquant.recipes", "spinquant.outputs")),
     ("workflows", ("spinquant.pipeline", "spinquant.report", "spinquant.workflow")),
     ("top", ("spinquant.batch", "spinquant.batch_jobs", "spinquant.batch_ray", "spinquant.api", "spinquant.cli",

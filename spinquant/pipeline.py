@@ -28,6 +28,7 @@ from spinquant.formats.executorch import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARA
                                           executorch_params, executorch_state_dict)
 from spinquant.formats.hf import save_hf
 from spinquant.formats.rbin import SCALES_FILE, load_rbin, save_rbin
+from spinquant.formats.streamed import LayeredCheckpoint
 from spinquant.formats.run_dir import is_run_dir, load_run, read_quant_config, save_run
 from spinquant.fusion import Rotations, fuse_and_rotate, has_online_r4
 from spinquant.memory import release_memory
@@ -37,6 +38,7 @@ from spinquant.pte import PteModel, run_export_llama
 from spinquant.quant.apply import quantize_model
 from spinquant.quant.scale_tuning import tune_scales
 from spinquant.quant.scheme import QuantScheme
+from spinquant.streaming import FloatReference, StreamedModel
 from spinquant.rotation import LEARNED_DIR, REMOVED_OPTIONS, RotationLearner, later_option_defaults, main_learner, write_outputs
 
 
@@ -227,23 +229,30 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
               "--rotations": None if rotations in ("none", "hadamard") else rotations}
     claim_output(out_dir, "quantize", identity, inputs, overwrite)
     t = time.perf_counter()
-    model = load_model(model_src)
+    checkpoint = LayeredCheckpoint.open(model_src) if kind in ("hf", "hub") else None
+    model = load_model(model_src) if checkpoint is None else checkpoint.skeleton()
     times["load"] = time.perf_counter() - t
     if has_online_r4(model) and rotations != "none":
         raise SpinQuantError(f"{model_src} is already rotated (online R4): pass --rotations none")
     rot = resolve_rotations(rotations, model, seed, r4)
-    t = time.perf_counter()
-    if rot is not None:
-        fuse_and_rotate(model, rot)
-    times["rotate"] = time.perf_counter() - t
-    model.to(dev)
+    prepare = None
+    if checkpoint is None:  # loaded whole (.bin weights, a Meta checkpoint, a hub id offline): transformed whole
+        t = time.perf_counter()
+        if rot is not None:
+            fuse_and_rotate(model, rot)
+        times["rotate"] = time.perf_counter() - t
+        model.to(dev)
+    else:  # read, fused and rotated layer by layer while it is quantized (spinquant.streaming)
+        prepare = StreamedModel(checkpoint, model, rot, dev)
 
     t = time.perf_counter()
-    quantize_model(model, scheme, wq, windows, progress=progress)
+    quantize_model(model, scheme, wq, windows, progress=progress, prepare=prepare)
     times["quantize"] = time.perf_counter() - t
+    del prepare  # it holds the model too: the reload check below must find it freed
     if tuning is not None:
         t = time.perf_counter()
-        teacher = load_model(model_src).to(dev)  # the float model: the rotation does not change its function
+        # the float model (the rotation does not change its function) on the tuning windows, layer by layer
+        teacher = FloatReference.build(model_src, tune_windows, dev, progress=progress)
         tune_scales(model, teacher, tune_windows, tuning, progress=progress)
         del teacher
         release_memory()
@@ -332,11 +341,11 @@ def quantization_kl(run: Path, ours, windows: torch.Tensor) -> float | None:
 
     source = read_quant_config(run).get("source_model")
     try:
-        float_model = load_model(source, untie=False)  # evaluation only: a tied model needs no embedding copy
+        reference = FloatReference.build(source, windows)  # layer by layer from a local checkpoint
     except (SpinQuantError, TypeError):
         return None
-    kl = compare_logits(hf_logits_fn(float_model), ours, windows)["kl_ours_to_pte"]
-    del float_model
+    kl = compare_logits(reference, ours, windows)["kl_ours_to_pte"]
+    del reference
     release_memory()
     return kl
 

@@ -8,31 +8,20 @@ from typing import Any
 
 import torch
 
-from spinquant.architectures import architecture_of
 from spinquant.atomic import atomic_file
 from spinquant.recipes import RECIPE_TEXT
 
 
 @torch.no_grad()
-def residual_stats(model: torch.nn.Module, windows: torch.Tensor) -> list[dict[str, float]]:
-    """Per decoder layer, over the tokens of ``windows``: the residual-stream input's max |x|, the ratio of
-    the largest to the median per-channel max |x| (outlier channels), and its kurtosis (outlier mass)."""
-    captured: dict[int, list[torch.Tensor]] = {}
-    hooks = []
-    for i, layer in enumerate(architecture_of(model.config).decoder_layers(model)):
-        def hook(_mod, args, kwargs, i=i):
-            x = args[0] if args else kwargs["hidden_states"]
-            captured.setdefault(i, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
-        hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        for w in windows:
-            model(w[None].to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+def residual_stats(inputs: list[torch.Tensor], r1: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """Per decoder layer, from its residual-stream inputs ``inputs[i]`` (tokens, dim) (the float model's:
+    spinquant.streaming.FloatReference.residuals), rotated by ``r1`` (dim, dim) when given (the rotated model's
+    residual stream is ``h @ R1``; norm fusion, R2, R4 and channel scales act inside the layers): the largest |x|, the
+    ratio of the largest to the median per-channel max |x| (outlier channels), and the kurtosis (outlier mass)."""
     stats = []
-    for i in sorted(captured):
-        x = torch.cat(captured[i])
+    for i, x in enumerate(inputs):
+        if r1 is not None:
+            x = (x.double() @ r1.double()).float()
         chan = x.abs().amax(0)
         flat = x.reshape(-1)
         z = (flat - flat.mean()) / flat.std()

@@ -49,7 +49,7 @@ from spinquant.atomic import atomic_file
 from spinquant.errors import SpinQuantError
 from spinquant.formats.rbin import save_rbin
 from spinquant.fusion import ORTHOGONALITY_TOL, Rotations, apply_rotations, fuse_norms, orthogonality_error, per_head_scales
-from spinquant.kl_loss import chunk_ce, chunk_kl
+from spinquant.kl_loss import chunk_ce, chunk_kl, layer_checkpointing
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
@@ -278,10 +278,7 @@ class RotationLearner:
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         if cfg.grad_checkpoint:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layer_checkpointing(model, True)
         model.train()  # activates checkpointing; Llama has no dropout
 
     # --- state ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ same options skips finished stages; a stage's outputs are renamed into place onl
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -26,9 +25,10 @@ from spinquant.architectures import LLAMA, architecture_of
 from spinquant.atomic import atomic_dir, atomic_file, remove_stale_partials
 from spinquant.data import calibration_windows, resolve_calibration
 from spinquant.errors import SpinQuantError
-from spinquant.evaluate import (cached_logits_fn, check_seqlen, evaluate, evaluation_ids, evaluation_windows,
+from spinquant.evaluate import (check_seqlen, evaluate, evaluation_ids, evaluation_windows,
                                 hf_logits_fn)
 from spinquant.formats import describe_source, load_config, load_model, try_load_tokenizer
+from spinquant.formats.hf import weight_shapes
 from spinquant.formats.meta import save_meta
 from spinquant.formats.rbin import load_rbin, save_rbin, scales_path
 from spinquant.formats.run_dir import versions
@@ -44,6 +44,7 @@ from spinquant.quant.scheme import check_damping
 from spinquant.recipes import META_KEYS, RECIPES, RENAMED, check_recipe, read_recipe, unset_values
 from spinquant.report import plot_residual_stats, residual_stats, write_report
 from spinquant.rotation import LearnConfig
+from spinquant.streaming import FloatReference
 from spinquant.targets import DEFAULT_TARGET, Target, get_target
 
 STAGES = ("learn", "quantize", "export", "report")
@@ -278,8 +279,8 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
     report: dict[str, Any] = {"model": opts.model, "target": target.name, "target_description": target.description,
                               "options": run.opts, "plots": []}
     tokenizer = try_load_tokenizer(str(run.dir)) or try_load_tokenizer(model_src, opts.tokenizer)
-    float_model = load_model(model_src)
-    seqlen = min(opts.seqlen, getattr(float_model.config, "max_position_embeddings", opts.seqlen))
+    config = load_config(model_src)
+    seqlen = min(opts.seqlen, getattr(config, "max_position_embeddings", opts.seqlen))
     texts: list[tuple[str, torch.Tensor | str]] = []  # (text, its windows) or (text, why it was skipped)
     for data in eval_texts(opts):
         try:
@@ -287,31 +288,28 @@ def _stage_report(run: Run, opts: CalibrateOptions, model_src: str) -> dict[str,
         except SpinQuantError as exc:
             texts.append((data, f"{exc} (pass --eval-data PATH)"))
     windows_of = [(data, w) for data, w in texts if not isinstance(w, str)]
-    # memory: one model at a time where possible (a 1B model is 5 GB in float32). The float model's logits are
-    # cached per window; the residual-stream statistics rotate the float model in place; it is freed before the
-    # quantized model is loaded.
     evs: list[dict[str, Any]] = [{"data": data, "skipped": w} if isinstance(w, str) else
                                  {"data": data, "windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for data, w in texts]
-    ref = cached_logits_fn(hf_logits_fn(float_model))
+    # memory: the float model's final hidden states on every window, computed layer by layer (streaming.FloatReference:
+    # one float layer at a time from a local checkpoint), stand in for the model and its logits; its residual stream
+    # on two windows' first 512 tokens gives the outlier statistics, before and after R1
+    every = torch.cat([w for _, w in windows_of]) if windows_of else torch.randint(
+        0, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(opts.seed))
+    ref = FloatReference.build(model_src, every, probe=(2, 512))
     for ev, (_, w) in zip(evs, texts):
         if not isinstance(w, str):
             ev["float"] = evaluate(ref, w, progress=False).to_dict()
     if target.quantizes and opts.compare_hadamard and windows_of:
-        m = copy.deepcopy(float_model)
+        m = load_model(model_src)
         fuse_and_rotate(m, Rotations.random_hadamard(m, opts.seed, r4=opts.r4 == "on"))
         quantize_model(m, target.scheme, gptq_config(opts), calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer), progress=False)
         for ev, (_, w) in zip(evs, texts):
             if not isinstance(w, str):
                 ev["random_hadamard"] = evaluate(hf_logits_fn(m), w, ref, progress=False).to_dict()
         del m
-    # residual-stream outliers before and after the learned rotation, on a few windows of the first text
-    probe = windows_of[0][1][:2, :512] if windows_of else torch.randint(0, float_model.config.vocab_size, (2, 256))
-    before = residual_stats(float_model, probe)
-    fuse_and_rotate(float_model, load_rbin(run.dir / "R.bin", r4=opts.r4 == "on"))
-    after = residual_stats(float_model, probe)
-    ref.release()  # every window is cached: the float model can go
-    del float_model
-    release_memory()
+        release_memory()
+    before = residual_stats(ref.residuals)
+    after = residual_stats(ref.residuals, load_rbin(run.dir / "R.bin").r1)
     if target.quantizes and windows_of:
         quantized = hf_logits_fn(load_model(run.dir))
         for ev, (_, w) in zip(evs, texts):
@@ -384,8 +382,9 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
         check_data_path(data, "--eval-data")
     check_finite_weights(opts.model)
     learn_on_cpu = learn and resolve_device(opts.device).type == "cpu"
+    streamed = describe_source(opts.model) == "hf" and bool(weight_shapes(opts.model))  # safetensors: spinquant.streaming
     resources = check_resources(config, opts.resolved_out(), learn_on_cpu, pte and target.quantizes,
-                                target.exporter == "float-rotated")
+                                target.exporter == "float-rotated", streamed)
     return config, resources
 
 

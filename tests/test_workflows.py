@@ -1,11 +1,13 @@
 """User workflows: calibrate (end to end, resume), requantize (no learning), batch (a failing job), bad input."""
 
 import json
+import re
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from transformers import LlamaConfig
 
 from spinquant import pipeline, workflow
 from spinquant.cli import cli
@@ -380,7 +382,7 @@ def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(t
     assert preflight.parameter_count(tiny_model.config) == linears + tiny_model.model.embed_tokens.weight.numel()
     monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 1024)
     r = _calibrate(tiny_model_dir, tmp_path / "m", corpus_file)
-    assert r.exit_code == 2 and "of memory at peak (learn/export of a 0.00B-parameter model)" in r.output, r.output
+    assert r.exit_code == 2 and "of memory at peak (learn/export of a 0.00B-parameter model, read layer by layer)" in r.output, r.output
     assert "the machine has 0 MiB available" in r.output
     assert "SPINQUANT_SKIP_RESOURCE_CHECK=1" in r.output and not (tmp_path / "m").exists()
     monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 2**40)
@@ -391,3 +393,12 @@ def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(t
     monkeypatch.setenv("SPINQUANT_SKIP_RESOURCE_CHECK", "1")  # the user's way past it: the estimate is printed instead
     line = preflight.check_resources(tiny_model.config, tmp_path / "d", learn_on_cpu=False, pte=True, float_checkpoint=False)
     assert line.startswith("[spinquant] resources: about") and "(export of a 0.00B-parameter model)" in line
+    # a model read layer by layer is estimated from the streamed path's measured peaks (the export's is not re-measured)
+    llama_1b = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+
+    def estimate(**kw):
+        return float(re.search(r"about ([\d.]+) GiB of memory", preflight.check_resources(
+            llama_1b, tmp_path / "d", learn_on_cpu=False, float_checkpoint=False, **kw)).group(1))
+    assert estimate(pte=False, streamed=True) < estimate(pte=False)
+    assert estimate(pte=True, streamed=True) <= estimate(pte=True)

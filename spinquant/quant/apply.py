@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spinquant.architectures import architecture_of
-from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, quant_linears, set_embedding_quantized
+from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
 from spinquant.quant.primitives import dequantize_weight, quantize_weight
 from spinquant.quant.range_setting import choose_scales
@@ -298,25 +298,48 @@ def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: 
             lin.weight.data = w
 
 
+class LayerPreparer:
+    """What a streamed model does before each decoder layer and the output layer are quantized: read them and
+    apply the float transforms (pipeline's streamed quantize). The whole-model path passes none."""
+
+    def layer(self, i: int, layer: nn.Module) -> None:
+        """Make decoder layer ``i`` ready to quantize (float weights, fused and rotated), in place."""
+
+    def head(self) -> None:
+        """Make the output layer ready to quantize."""
+
+
+def _embed(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The embedding's output for ``windows`` (n, T): (n, T, dim), the start of a calibration stream."""
+    embedding = model.get_submodule(architecture_of(model.config).embedding)
+    return torch.cat([embedding(windows[b : b + batch_size]) for b in range(0, len(windows), batch_size)])
+
+
+def _advance(layer: nn.Module, stream: torch.Tensor, pos_emb, batch_size: int) -> None:
+    """Run a decoder layer over a calibration stream (n, T, dim) in batches, writing each batch's output over its
+    input (a batch's output depends on its own inputs only): one copy of the stream is alive, not two."""
+    for b in range(0, stream.shape[0], batch_size):
+        stream[b : b + batch_size] = layer(stream[b : b + batch_size], attention_mask=None, position_embeddings=pos_emb)
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
-                        float_embedding: torch.Tensor | None = None) -> None:
+                        float_inputs: torch.Tensor | None = None, prepare: LayerPreparer | None = None) -> None:
     """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring).
 
-    ``float_embedding`` (vocab, dim): the embedding before it was quantized, the start of the float stream
-    that ``cfg.float_target`` needs (the model's own embedding when not given)."""
-    device = next(model.parameters()).device
+    ``float_inputs`` (n, seqlen, dim): the float model's embedding output, the start of the float stream that
+    ``cfg.float_target`` needs (taken before the embedding was quantized; overwritten layer by layer).
+    ``prepare``: reads each layer (and the output layer) just before it is quantized (a streamed model)."""
     arch = architecture_of(model.config)
-    embedding = model.get_submodule(arch.embedding)
+    device = model.get_submodule(arch.final_norm).weight.device  # (a streamed model's first parameters are unread)
     windows = windows.to(device)
-    inps = torch.cat([embedding(windows[b : b + cfg.batch_size]) for b in range(0, len(windows), cfg.batch_size)])
-    finps = None
-    if cfg.float_target:  # the float model's embedding (the quantized stream starts from the int8 embedding)
-        table = embedding.weight if float_embedding is None else float_embedding.to(device)
-        finps = torch.nn.functional.embedding(windows, table)
+    inps = _embed(model, windows, cfg.batch_size)
+    finps = float_inputs.to(device) if cfg.float_target else None
     pos_ids = torch.arange(windows.shape[1], device=device)[None]
     pos_emb = model.get_submodule(arch.rotary)(inps[:1], pos_ids)
     for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="gptq", unit="layer", disable=not progress)):
+        if prepare is not None:
+            prepare.layer(i, layer)
         ref = float_copy(layer) if cfg.float_target else None
         for group in arch.groups:
             named = [(f"{arch.layers}.{i}.{name}", layer.get_submodule(name)) for name in group]
@@ -331,11 +354,13 @@ def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuan
                 first.observer = None
             _gptq_linears(named, acc.h, cfg)
             del acc
-        inps = _run_layer(layer, inps, pos_emb, cfg.batch_size)
+        _advance(layer, inps, pos_emb, cfg.batch_size)
         if ref is not None:
-            finps = _run_layer(ref, finps, pos_emb, cfg.batch_size)
+            _advance(ref, finps, pos_emb, cfg.batch_size)
             del ref
     head = model.get_submodule(arch.head)
+    if prepare is not None:
+        prepare.head()
     if head.w_bits < FLOAT:
         norm = model.get_submodule(arch.final_norm)
         if cfg.float_target:
@@ -352,20 +377,33 @@ def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuan
 
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, cfg: WeightQuantConfig,
-                   windows: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
-    """Fake-quantize ``model`` in place under ``scheme`` and fix every quantized weight to integers."""
+                   windows: torch.Tensor | None = None, progress: bool = True,
+                   prepare: LayerPreparer | None = None) -> nn.Module:
+    """Fake-quantize ``model`` in place under ``scheme`` and fix every quantized weight to integers.
+
+    ``prepare`` (a streamed model, :class:`LayerPreparer`): each layer is read just before it is quantized, so the
+    float weights of one layer at a time are in memory."""
     t0 = time.perf_counter()
     make_fake_quant(model, scheme)
     model.requires_grad_(False)
-    float_embedding = model.get_submodule(architecture_of(model.config).embedding).weight.detach().clone() if cfg.float_target else None
+    if cfg.method == "gptq" and windows is None:
+        raise ValueError("GPTQ needs calibration windows")
+    float_inputs = None
+    if cfg.method == "gptq" and cfg.float_target:  # the float stream starts from the float embedding
+        float_inputs = _embed(model, windows.to(model.get_submodule(architecture_of(model.config).final_norm).weight.device), cfg.batch_size)
     quantize_embedding(model, scheme, cfg.clip_search)
     if cfg.method == "gptq":
-        if windows is None:
-            raise ValueError("GPTQ needs calibration windows")
-        gptq_quantize_model(model, windows, cfg, progress, float_embedding)
+        gptq_quantize_model(model, windows, cfg, progress, float_inputs, prepare)
     elif cfg.method == "rtn":
-        for _, lin in quant_linears(model):
-            rtn_quantize_linear(lin, cfg.clip_search)
+        arch = architecture_of(model.config)
+        for i, layer in enumerate(arch.decoder_layers(model)):
+            if prepare is not None:
+                prepare.layer(i, layer)
+            for name in arch.block_linears():
+                rtn_quantize_linear(layer.get_submodule(name), cfg.clip_search)
+        if prepare is not None:
+            prepare.head()
+        rtn_quantize_linear(model.get_submodule(arch.head), cfg.clip_search)
     else:
         raise ValueError(f"unknown method {cfg.method!r}")
     cfg.stats["quantize_seconds"] = time.perf_counter() - t0

@@ -170,10 +170,30 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
         yield head, model.get_submodule(head)
 
 
+class QuantEmbedding(nn.Module):
+    """An int8 per-row embedding: rows ``qweight`` (vocab, dim) int8 times ``scales`` (vocab,), dequantized for the
+    looked-up ids only (``q[ids] * s[ids]``, elementwise the same float32 product as dequantizing the whole table, so
+    bit-identical to it), so a quantized model holds no float32 copy of the table (1 GiB at 128256 x 2048)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q.to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.float32))
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(torch.float32) * self.scales[ids][..., None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
 @torch.no_grad()
 def set_embedding_quantized(model: nn.Module, q: torch.Tensor, scales: torch.Tensor) -> None:
-    """Fix the embedding to int8 rows ``q`` (vocab, dim) times per-row ``scales`` (vocab,)."""
-    emb = model.get_submodule(architecture_of(model.config).embedding)
-    emb.register_buffer("qweight", q.to(torch.int8))
-    emb.register_buffer("scales", scales.to(torch.float32))
-    emb.weight = nn.Parameter(dequantize_weight(emb.qweight, emb.scales[:, None], None), requires_grad=False)
+    """Fix the embedding to int8 rows ``q`` (vocab, dim) times per-row ``scales`` (vocab,): a :class:`QuantEmbedding`
+    takes its place (its float table is released)."""
+    name = architecture_of(model.config).embedding
+    parent, attr = name.rsplit(".", 1)
+    old = model.get_submodule(name)
+    setattr(model.get_submodule(parent), attr, QuantEmbedding(q, scales, getattr(old, "padding_idx", None)))

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spinquant.architectures import architecture_of
-from spinquant.kl_loss import chunked_kl
+from spinquant.kl_loss import chunked_kl, layer_checkpointing
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import DEFAULT_TUNE_LR
 
@@ -64,11 +64,13 @@ def relative_change(log_offsets: list[torch.Tensor]) -> dict[str, float]:
     return {"mean": change.mean().item(), "max": change.max().item()}
 
 
-def tune_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: ScaleTuningConfig,
+def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuningConfig,
                 progress: bool = True, extra_params: list[torch.Tensor] = ()) -> nn.Module:
     """Tune the scales of ``model``'s fixed linears in place (module docstring); returns ``model``.
 
-    ``teacher``: a float model of the same function (the original, or the rotated float copy) on the same device.
+    ``teacher``: a float model of the same function (the original, or the rotated float copy) on the same device, or
+    anything with its ``final_hidden(ids)`` (the hidden states after the final norm, (1, T, dim)) and its ``head``
+    (spinquant.streaming.FloatReference, built for ``windows``: the float model never whole in memory).
     ``windows`` (n >= cfg.steps, seqlen) int64: calibration windows, window k feeds step k. Records in ``cfg.stats``:
     ``losses`` (KL per token of each step's window, measured before that step's update: a held-out estimate, as no
     window is seen twice), ``seconds``, and ``relative_change`` (mean and max |exp(θ) - 1| of the tuned scales).
@@ -81,13 +83,23 @@ def tune_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg
     if not named:
         raise ValueError("no quantized linear to tune: quantize the model (GPTQ or RTN) first")
     device = named[0][1].scales.device
-    teacher.requires_grad_(False)
     amp = device.type == "cuda"
     arch = architecture_of(model.config)
+    if isinstance(teacher, nn.Module):
+        teacher.requires_grad_(False)
+        teacher_head = teacher.get_submodule(arch.head)
+        backbone = teacher.get_submodule(arch.backbone)
+
+        def teacher_hidden_of(ids: torch.Tensor) -> torch.Tensor:
+            return backbone(ids, use_cache=False).last_hidden_state
+    else:
+        teacher_head, teacher_hidden_of = teacher.head, teacher.final_hidden
     thetas = []
     for _, lin in named:
         lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
         thetas.append(lin.scale_log_offset)
+    was_training = model.training
+    layer_checkpointing(model, True)
     opt = torch.optim.Adam(thetas + list(extra_params), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=0.0)
     losses: list[float] = []
@@ -96,10 +108,9 @@ def tune_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg
         for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
             ids = windows[step : step + 1].to(device)
             with torch.no_grad():
-                teacher_hidden = teacher.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
+                teacher_hidden = teacher_hidden_of(ids)[:, :-1]
             hidden = model.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
-            loss = chunked_kl(model.get_submodule(arch.head), teacher.get_submodule(arch.head), hidden, teacher_hidden,
-                              amp) / hidden.shape[1]
+            loss = chunked_kl(model.get_submodule(arch.head), teacher_head, hidden, teacher_hidden, amp) / hidden.shape[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -111,5 +122,7 @@ def tune_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg
     finally:  # a failed run leaves the scales as they were
         for _, lin in named:
             lin.scale_log_offset = None
+        layer_checkpointing(model, False)
+        model.train(was_training)
     cfg.stats.update({"losses": losses, "seconds": time.perf_counter() - t0, "relative_change": relative_change(thetas)})
     return model
