@@ -132,7 +132,7 @@ def check_data_path(data: str | None, flag: str) -> None:
 # .pte 10.7 GiB, one learning step at micro-batch 1 x 256 tokens 17.0 GiB
 PEAK_OVER_FLOAT32 = {"quantize": 1.5, "export": 1.95, "learn": 3.05}
 # the same for a model read layer by layer (a safetensors directory: spinquant.streaming): GPTQ at the 1B shape stayed
-# under 0.84 and rotate + RTN at the 3B shape peaked at 0.76 (docs/sizes.md), so quantize 0.9; the export with the
+# under 0.84 and rotate + RTN at the 3B shape peaked at 0.55 (docs/sizes.md), so quantize 0.9; the export with the
 # .pte is not re-measured streamed (executorch's exporter, a child process, took 7.8 GiB of the 10.7): kept
 STREAMED_PEAK_OVER_FLOAT32 = {"quantize": 0.9, "export": PEAK_OVER_FLOAT32["export"]}
 SKIP_RESOURCE_CHECK = "SPINQUANT_SKIP_RESOURCE_CHECK"
