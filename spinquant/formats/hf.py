@@ -50,6 +50,17 @@ def untie_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def meta_model(config: Any) -> torch.nn.Module:
+    """The family's model for ``config`` with every weight on the meta device (no memory) and its rotary embedding
+    built for real (its buffers come from the config, not from the weights): the frame that loaders fill."""
+    arch = architecture_of(config)
+    with torch.device("meta"):
+        model = arch.model_class(config)
+    parent, attr = arch.rotary.rsplit(".", 1)
+    setattr(model.get_submodule(parent), attr, type(model.get_submodule(arch.rotary))(config=config))
+    return model
+
+
 def _hub_fetch_error(source: str) -> str:
     return (f"could not fetch '{source}' from the Hugging Face hub (no network, wrong id, or a gated model without a "
             f"login): download it first and pass the local directory")

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from spinquant.architectures import architecture_of
 from spinquant.errors import SpinQuantError
-from spinquant.formats.hf import untie_embeddings
+from spinquant.formats.hf import meta_model, untie_embeddings
 from spinquant.fusion import restore_online_rotations
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, set_embedding_quantized
 from spinquant.quant.scheme import QuantScheme
@@ -94,11 +94,8 @@ def load_run(run: str | Path) -> torch.nn.Module:
     except Exception as exc:
         raise SpinQuantError(f"cannot read {run / WEIGHTS} (corrupt?): {exc}") from exc
     config = AutoConfig.from_pretrained(run)
-    arch = architecture_of(config, str(run))
-    with torch.device("meta"):
-        model = arch.model_class(config)
-    parent, attr = arch.rotary.rsplit(".", 1)
-    setattr(model.get_submodule(parent), attr, type(model.get_submodule(arch.rotary))(config=config))  # buffers off meta
+    architecture_of(config, str(run))  # another family is refused here, naming the run
+    model = meta_model(config)
     float_state = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales"))}
     # quantized tensors stay on the meta device (no float32 placeholder of the whole model): set_quantized and
     # set_embedding_quantized below replace them by their integers and scales; one left on meta is an error

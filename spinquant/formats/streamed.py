@@ -30,7 +30,8 @@ from transformers import AutoConfig
 from spinquant.architectures import Architecture, architecture_of
 from spinquant.errors import SpinQuantError
 from spinquant.formats import HUB_ID
-from spinquant.formats.hf import check_finite, check_llama_config, check_weight_shapes, weight_shapes
+from spinquant.formats.hf import (check_finite, check_llama_config, check_weight_shapes, meta_model, untie_embeddings,
+                                  weight_shapes)
 from spinquant.fusion import restore_online_rotations
 
 
@@ -109,25 +110,18 @@ class LayeredCheckpoint:
         """The model with its decoder layers and output layer on the meta device; embedding, final norm and rotary
         embedding read (float32). Untied: the output layer is its own meta tensor, read by :meth:`load_head`."""
         arch, config = self.arch, self.config
-        with torch.device("meta"):
-            model = arch.model_class(config)
+        model = meta_model(config)
         tied = getattr(config, "tie_word_embeddings", False)
         missing = [n for n, _ in model.named_parameters() if n not in self.shard_of and not (tied and n.startswith(f"{arch.head}."))]
         if missing:  # said now, not when GPTQ reaches the layer (from_pretrained would fill them at random)
             raise SpinQuantError(f"{self.folder}: the weights lack {', '.join(missing[:3])}"
                                  f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}: the model is incomplete "
                                  f"(re-save or re-download it)")
-        parent, attr = arch.rotary.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, type(model.get_submodule(arch.rotary))(config=config))
         for name in (arch.embedding, arch.final_norm):
             module = model.get_submodule(name)
             state = self.read([f"{name}.{key}" for key, _ in module.named_parameters()])
             module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items()}, assign=True)
-        head = model.get_submodule(arch.head)
-        head.weight = torch.nn.Parameter(torch.empty(head.weight.shape, device="meta"), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = {}
+        untie_embeddings(model)  # the output layer stays on meta (the embedding read above is a new tensor)
         model.config.dtype = torch.float32  # as load_hf records it
         return restore_online_rotations(model.eval())
 

@@ -309,6 +309,11 @@ class LayerPreparer:
         """Make the output layer ready to quantize."""
 
 
+def _device(model: nn.Module) -> torch.device:
+    """The model's device, read from its final norm (a streamed model's first parameters are not read yet)."""
+    return model.get_submodule(architecture_of(model.config).final_norm).weight.device
+
+
 def _embed(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The embedding's output for ``windows`` (n, T): (n, T, dim), the start of a calibration stream."""
     embedding = model.get_submodule(architecture_of(model.config).embedding)
@@ -331,7 +336,7 @@ def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuan
     ``cfg.float_target`` needs (taken before the embedding was quantized; overwritten layer by layer).
     ``prepare``: reads each layer (and the output layer) just before it is quantized (a streamed model)."""
     arch = architecture_of(model.config)
-    device = model.get_submodule(arch.final_norm).weight.device  # (a streamed model's first parameters are unread)
+    device = _device(model)
     windows = windows.to(device)
     inps = _embed(model, windows, cfg.batch_size)
     finps = float_inputs.to(device) if cfg.float_target else None
@@ -390,7 +395,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, cfg: WeightQuantConfig
         raise ValueError("GPTQ needs calibration windows")
     float_inputs = None
     if cfg.method == "gptq" and cfg.float_target:  # the float stream starts from the float embedding
-        float_inputs = _embed(model, windows.to(model.get_submodule(architecture_of(model.config).final_norm).weight.device), cfg.batch_size)
+        float_inputs = _embed(model, windows.to(_device(model)), cfg.batch_size)
     quantize_embedding(model, scheme, cfg.clip_search)
     if cfg.method == "gptq":
         gptq_quantize_model(model, windows, cfg, progress, float_inputs, prepare)
