@@ -37,7 +37,7 @@ from bench_scale import SHAPES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 FUNCTIONS = ("gptq_quantize_model", "_gptq_linears", "quantize", "rtn_integers", "output_error", "refit_group_scales",
-             "search_scales", "_fit_float_target", "least_squares_target", "_float_target_statistics", "_run_layer",
+             "search_scales", "_fit_float_target", "__call__", "_float_target_statistics", "_run_layer",
              "_advance", "__init__")
 
 
@@ -63,7 +63,7 @@ def floor_flops(shape: dict, tokens: int, float_target: bool) -> dict[str, float
         "cholesky": sum(i**3 for _, i in linears.values()),  # factor + inverse + factor: ~ in³ per shared input
         "gptq_updates": sum(2 * o * i * i / 2 for o, i in linears.values()),  # lazy-batch updates: rows x in² / 2 madds
     }
-    if float_target:  # W* = W + W (C - H̃)(H̃ + Λ)⁻¹: one product and one solve per shared input (float64 in spinquant)
+    if float_target:  # W* = W + W (C - H̃)(H̃ + Λ)⁻¹: one product and one solve per linear
         out["float_target_fit"] = sum(2 * o * i * i + 2 * i**3 / 3 + 2 * o * i * i for o, i in linears.values())
     return out
 
@@ -79,7 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     shape = SHAPES[args.shape]
     cfg = LlamaConfig(vocab_size=1024, num_hidden_layers=1, max_position_embeddings=args.seqlen, tie_word_embeddings=False,
-                      **{k: v for k, v in shape.items() if k != "num_hidden_layers"})
+                      **{k: v for k, v in shape.items() if k not in ("num_hidden_layers", "tie_word_embeddings")})
     with torch.no_grad():
         model = untie_embeddings(LlamaForCausalLM(cfg).eval())
         for p in model.parameters():

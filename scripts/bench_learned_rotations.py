@@ -103,7 +103,7 @@ def main() -> None:
     def quantized_eval(rot, scheme, method):
         wq = WeightQuantConfig(method=method, clip_search=True, float_target=method == "gptq" and args.gptq_objective == "float",
                                percdamp=args.percdamp, target_percdamp=args.target_damp,
-                               scale_refit=method == "gptq" and args.scale_refit)
+                               scale_refit=method == "gptq" and args.scale_refit, compare_rtn=args.scale_refit)
         model = quantized_copy(base, rot, scheme, wq, gptq_windows, device)
         return evaluate(hf_logits_fn(model.to("cpu")), eval_windows, reference, progress=False), wq.stats
 

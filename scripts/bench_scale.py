@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Llama 3.2 1B / 3B shapes end to end: time and peak memory of every `spinquant calibrate` stage.
+"""Llama 3.2 1B / 3B (and Llama 3.1 8B) shapes end to end: time and peak memory of every `spinquant calibrate` stage.
 
 Builds the real shape from a config in code with random weights (bf16 on disk, sharded safetensors with an index
-like a user's fine-tune, llama3 RoPE, tied embeddings as Llama 3.2; linears N(0, 0.02), norms near 1) and the
-shared reference model's tokenizer (its ids are a subset of the 128256 rows), then runs `spinquant calibrate`
-as a user would, in a subprocess. While it runs, the resident memory of its whole process tree (the exporter
+like a user's fine-tune, llama3 RoPE, tied embeddings as Llama 3.2, an output layer of its own at 8B as Llama 3.1;
+linears N(0, 0.02), norms near 1) and the shared reference model's tokenizer (its ids are a subset of the 128256
+rows), then runs `spinquant calibrate` as a user would, in a subprocess. While it runs, the resident memory of its whole process tree (the exporter
 included) is sampled every 0.25 s and attributed to the stage the log says is running; on CUDA the peak
 allocated memory per stage comes from the run's stages.json. Writes benchmarks/results/scale_<shape>_<device>.{md,json}
 (with --learn-step: ..._learn-step.{md,json}).
@@ -45,6 +45,9 @@ SHAPES = {  # the published Llama 3.2 configs (config.json of meta-llama/Llama-3
                          num_key_value_heads=8, head_dim=64),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                          num_key_value_heads=8, head_dim=128),
+    # meta-llama/Llama-3.1-8B: the same vocabulary and RoPE, an output layer of its own
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     # a small stand-in with the same vocabulary and RoPE, to check this script in a minute
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64),
@@ -60,9 +63,9 @@ def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB, layers: int |
 
     tok = AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-25m")
     cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                      rope_scaling=dict(LLAMA3_ROPE), tie_word_embeddings=True, torch_dtype="bfloat16",
+                      rope_scaling=dict(LLAMA3_ROPE), torch_dtype="bfloat16",
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
+                      **{"tie_word_embeddings": True, **SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -76,6 +79,8 @@ def build_model(shape: str, out: Path, shard_bytes: int = 2 * GIB, layers: int |
                   (p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * hd)),
                   (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)), (p + "mlp.down_proj.weight", (h, f))]
     names.append(("model.norm.weight", (h,)))
+    if not cfg.tie_word_embeddings:
+        names.append(("lm_head.weight", (cfg.vocab_size, h)))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, dims in names:
@@ -120,33 +125,37 @@ def describe_model(model: Path) -> dict:
 
 
 class TreeMemory:
-    """Peak resident memory (GiB) of a process and all its children, per labelled phase, sampled every 0.25 s."""
+    """Peak resident memory (GiB) of a process and all its children (``peaks``), and of the process alone
+    (``own_peaks``: spinquant's own, without executorch's exporter child), per labelled phase, sampled every 0.25 s."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.phase = "start"
         self.peaks: dict[str, float] = {}
+        self.own_peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _rss(self) -> int:
-        total = 0
+    def _rss(self) -> tuple[int, int]:
+        """(the tree's, the root's own) resident bytes."""
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
+            return 0, 0
+        sizes = []
         for p in procs:
             try:
-                total += p.memory_info().rss
+                sizes.append(p.memory_info().rss)
             except psutil.NoSuchProcess:
-                pass
-        return total
+                sizes.append(0)
+        return sum(sizes), sizes[0]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            gib = self._rss() / GIB
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), gib)
+            tree, own = (b / GIB for b in self._rss())
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), tree)
+            self.own_peaks[self.phase] = max(self.own_peaks.get(self.phase, 0.0), own)
             time.sleep(0.25)
 
     def stop(self) -> None:
@@ -154,7 +163,7 @@ class TreeMemory:
         self._thread.join()
 
 
-def run_monitored(cmd: list[str], log: Path) -> tuple[int, dict[str, float], float]:
+def run_monitored(cmd: list[str], log: Path) -> tuple[int, TreeMemory, float]:
     """Run ``cmd``; stage markers in its stderr ("[spinquant] stage NAME") switch the memory phase."""
     # the benchmark measures what the run takes, so it runs past calibrate's memory estimate (which it calibrates)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -173,7 +182,7 @@ def run_monitored(cmd: list[str], log: Path) -> tuple[int, dict[str, float], flo
             print(line, end="", flush=True)
         code = proc.wait()
         mem.stop()
-    return code, mem.peaks, time.perf_counter() - t
+    return code, mem, time.perf_counter() - t
 
 
 def machine(device: str) -> str:
@@ -238,7 +247,8 @@ def main() -> None:
                 cmd.append("--no-pte")
             for item in args.sets:
                 cmd += ["--set", item]
-        code, peaks, wall = run_monitored(cmd, work / "log.txt")
+        code, mem, wall = run_monitored(cmd, work / "log.txt")
+        peaks = mem.peaks
         stages = json.loads((run / "stages.json").read_text()) if (run / "stages.json").is_file() else {}
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
         learned = json.loads((run / "losses.json").read_text()) if (run / "losses.json").is_file() else {}
@@ -247,8 +257,9 @@ def main() -> None:
         result = {"shape": args.shape, "device": args.device, "machine": machine(args.device), "model": built,
                   "command": " ".join(sys.argv), "spinquant_command": " ".join(cmd[1:]), "exit": code, "wall_seconds": wall,
                   "stages": {k: {"seconds": v.get("seconds"), "peak_rss_gib": peaks.get(k),
-                                 "peak_cuda_gib": v.get("peak_cuda_gib")} for k, v in stages.items()},
-                  "peak_rss_gib": peaks, "sizes": report.get("sizes"), "evaluation": report.get("evaluation"),
+                                 "peak_own_rss_gib": mem.own_peaks.get(k), "peak_cuda_gib": v.get("peak_cuda_gib")}
+                             for k, v in stages.items()},
+                  "peak_rss_gib": peaks, "peak_own_rss_gib": mem.own_peaks, "sizes": report.get("sizes"), "evaluation": report.get("evaluation"),
                   "verification": (report.get("export") or {}).get("verification"), "learning": learned or None,
                   "quantize_times_s": qc.get("times_s"), "log_tail": tail}
         write_results(result, args)
@@ -298,16 +309,17 @@ def write_results(r: dict, args) -> None:
              f"Machine: {r['machine']}. Command: `python scripts/bench_scale.py {' '.join(sys.argv[1:])}` "
              f"(runs `{r['spinquant_command']}`). Exit status {r['exit']}, wall time {r['wall_seconds']:.0f} s "
              f"(model build {r['model'].get('seconds', 0):.0f} s before it: {r['model']}).", "",
-             "| stage | seconds | peak RSS of the process tree (GiB) | peak CUDA allocated (GiB) |", "|---|---:|---:|---:|"]
+             "| stage | seconds | peak RSS, spinquant's process (GiB) | peak RSS with its children: executorch's exporter (GiB) "
+             "| peak CUDA allocated (GiB) |", "|---|---:|---:|---:|---:|"]
     for phase in dict.fromkeys([*r["peak_rss_gib"], *r["stages"]]):
-        gib = r["peak_rss_gib"].get(phase)
+        gib, own = r["peak_rss_gib"].get(phase), r.get("peak_own_rss_gib", {}).get(phase)
         st = r["stages"].get(phase, {})
         sec, cuda = st.get("seconds"), st.get("peak_cuda_gib")
         label = ("the whole command: load, rotate, RTN, checkpoint, reload check" if args.quantize_rtn and phase == "preflight"
                  else "checks + model load (+ learning, which prints no start line) before the next stage" if phase == "preflight"
                  else phase if phase in r["stages"] or args.learn_step else f"{phase} (not finished)")
-        lines.append(f"| {label} | {'' if sec is None else f'{sec:.0f}'} | {'' if gib is None else f'{gib:.2f}'} | "
-                     f"{'' if cuda is None else f'{cuda:.2f}'} |")
+        lines.append(f"| {label} | {'' if sec is None else f'{sec:.0f}'} | {'' if own is None else f'{own:.2f}'} | "
+                     f"{'' if gib is None else f'{gib:.2f}'} | {'' if cuda is None else f'{cuda:.2f}'} |")
     if args.quantize_rtn and r.get("quantize_times_s"):
         lines += ["", "Inside it (quant_config.json times_s): " + ", ".join(f"{k} {v:.0f} s" for k, v in r["quantize_times_s"].items())]
     if r.get("sizes"):

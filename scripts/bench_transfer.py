@@ -13,7 +13,9 @@ books (three public-domain novels: another domain). Windows are spread evenly ov
 ``--eval-seqlen`` tokens), so that all three books are seen. KL(float || quantized) in nats/token, perplexity and
 top-1 agreement on the same windows. With ``--learned-steps N`` the last row is repeated on R1/R2 learned from that
 seed's Hadamard (calibrate's default learning: W16A8, cross-entropy, step cap 0.05) on other windows of the
-calibration text.
+calibration text. ``--only refit,tuning,block,tuning`` compares the blockwise scale tuning (each decoder layer's scales tuned
+right after GPTQ on that layer's output error against the float stream, experimental/block_tuning.py) with the
+end-to-end one, and both together.
 
     python scripts/bench_transfer.py --model SMOLLM2 --seeds 0,1,2 --out benchmarks/results/transfer_smollm2
 """
@@ -27,12 +29,14 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from spinquant.data import CalibrationSet, calibration_windows
 from spinquant.evaluate import cached_logits_fn, evaluate, evaluation_ids, evaluation_windows, hf_logits_fn
+from spinquant.experimental.block_tuning import BlockTuner
 from spinquant.formats import load_model, load_tokenizer
 from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.pipeline import tuning_calibration
@@ -66,10 +70,13 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=128, help="scale-tuning windows (one per step; 0: no tuning row)")
     ap.add_argument("--tune-lr", type=float, default=DEFAULT_TUNE_LR)
     ap.add_argument("--target-damp", type=float, default=DEFAULTS["gptq_objective_damp"])
+    ap.add_argument("--block-steps", type=int, default=32, help="blockwise tuning: windows per decoder layer (step 'block')")
+    ap.add_argument("--block-lr", type=float, default=1e-3, help="blockwise tuning: Adam's learning rate on the log-scales")
     ap.add_argument("--learned-steps", type=int, default=0, help="also learn R1/R2 (batch 4) and repeat the last rows")
     ap.add_argument("--no-hadamard-rows", action="store_true", help="with --learned-steps: the learned rows only")
-    ap.add_argument("--only", default=None, help="comma list of the steps to run: plain, float, refit, tuning (tuning "
-                    "needs refit before it) [default: all]")
+    ap.add_argument("--only", default=None, help="comma list of the steps to run: plain, float, refit, block (refit + "
+                    "blockwise tuning, experimental/block_tuning.py), tuning (end-to-end, on the step before it) "
+                    "[default: plain, float, refit, tuning]")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/transfer"))
@@ -104,18 +111,26 @@ def main() -> None:
                    "+ float objective": WeightQuantConfig(method="gptq", float_target=True, target_percdamp=args.target_damp),
                    "+ scale refit": WeightQuantConfig(method="gptq", float_target=True, target_percdamp=args.target_damp,
                                                       scale_refit=True)}
-        model, seconds = None, 0.0
+        configs["+ blockwise tuning"] = replace(configs["+ scale refit"], stats={})
+        model, seconds, previous = None, 0.0, None
         for name in steps:
             if name == "+ scale tuning":
                 tuning = ScaleTuningConfig(steps=args.tune_steps, lr=args.tune_lr)
                 tune_windows = calibration_windows(tuning_calibration(calib_set, tuning), tok)
                 t = time.perf_counter()
                 tune_scales(model, base, tune_windows, tuning, progress=False)
-                record(seed, label + name, model, seconds + time.perf_counter() - t)
+                after = "+ blockwise + scale tuning" if previous == "+ blockwise tuning" else name
+                record(seed, label + after, model, seconds + time.perf_counter() - t)
                 continue
+            previous = name
+            tuner = BlockTuner(steps=args.block_steps, lr=args.block_lr) if name == "+ blockwise tuning" else None
             t = time.perf_counter()
-            model = quantize_model(copy.deepcopy(rotated), META_8DA4W, configs[name], calib, progress=False)
+            model = quantize_model(copy.deepcopy(rotated), META_8DA4W, configs[name], calib, progress=False,
+                                   after_layer=tuner)
             seconds = time.perf_counter() - t
+            if tuner is not None:
+                print(json.dumps({"seed": seed, "blockwise": {i: {k: round(v, 5) for k, v in st.items()}
+                                                              for i, st in tuner.stats.items()}}), flush=True)
             record(seed, label + name, model, seconds)
 
     def write() -> None:
@@ -155,8 +170,8 @@ def main() -> None:
 
     steps = ("plain GPTQ", "+ float objective", "+ scale refit") + (("+ scale tuning",) if args.tune_steps else ())
     if args.only:
-        short = dict(zip(("plain", "float", "refit", "tuning"), ("plain GPTQ", "+ float objective", "+ scale refit",
-                                                                 "+ scale tuning")))
+        short = dict(zip(("plain", "float", "refit", "tuning", "block"), ("plain GPTQ", "+ float objective", "+ scale refit",
+                                                                          "+ scale tuning", "+ blockwise tuning")))
         steps = tuple(short[k] for k in args.only.split(","))
     for seed in (int(s) for s in args.seeds.split(",")):
         if not args.no_hadamard_rows:

@@ -27,6 +27,7 @@ from spinquant.formats import describe_source, load_config, load_model, try_load
 from spinquant.formats.executorch import (CHECKPOINT, FORBIDDEN_PATH_PARTS, PARAMS, PREQ_MODES, check_exportable,
                                           executorch_params, executorch_state_dict)
 from spinquant.formats.hf import save_hf
+from spinquant.formats.layer_progress import LayerProgress, default_folder, source_fingerprint
 from spinquant.formats.rbin import SCALES_FILE, load_rbin, save_rbin
 from spinquant.formats.streamed import LayeredCheckpoint
 from spinquant.formats.run_dir import is_run_dir, load_run, read_quant_config, save_run
@@ -188,8 +189,12 @@ def tuning_calibration(calib, tuning):
 def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "hadamard", calib=None, seed: int = 0,
                     device: str = "auto", tokenizer_src: str | None = None, progress: bool = True,
                     extra_config: dict | None = None, overwrite: bool = False, r4: bool = True,
-                    tuning=None) -> dict[str, Any]:
+                    tuning=None, progress_dir: str | Path | None = None) -> dict[str, Any]:
     """Rotate (optionally), quantize (RTN/GPTQ, range setting) and write a verified run directory.
+
+    GPTQ saves each finished decoder layer to ``progress_dir`` (default: ``.NAME.gptq-layers`` beside ``out_dir``,
+    formats/layer_progress.py) and a run of the same identity killed half way resumes after its last finished layer;
+    the folder is removed once the run directory is written.
 
     ``tuning`` (quant/scale_tuning.ScaleTuningConfig, steps > 0): then tune the scales end to end on KL to the float
     model, on ``tuning.steps`` windows of ``calib``'s text other than GPTQ's (:func:`tuning_calibration`).
@@ -245,8 +250,22 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
     else:  # read, fused and rotated layer by layer while it is quantized (spinquant.streaming)
         prepare = StreamedModel(checkpoint, model, rot, dev)
 
+    store = None
+    if wq.method == "gptq":
+        files = source_fingerprint(checkpoint.folder if checkpoint is not None else Path(resolve_input(model_src)))
+        if rotations not in ("none", "hadamard"):
+            files |= {f"rotations/{k}": v for k, v in source_fingerprint(rotations_file(rotations)).items()}
+        store = LayerProgress.open(progress_dir or default_folder(out_dir), {**identity, "source_files": files})
+        if store.layers_done:
+            print(f"[spinquant] gptq: resuming after decoder layer {store.layers_done} of {model.config.num_hidden_layers} "
+                  f"(the finished layers are in {store.folder})", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    quantize_model(model, scheme, wq, windows, progress=progress, prepare=prepare)
+    try:
+        quantize_model(model, scheme, wq, windows, progress=progress, prepare=prepare, store=store)
+    except SpinQuantError:  # bad input found on the way (NaN weights in a layer): the fixed model must start over
+        if store is not None:
+            store.remove()
+        raise
     times["quantize"] = time.perf_counter() - t
     del prepare  # it holds the model too: the reload check below must find it freed
     if tuning is not None:
@@ -294,6 +313,8 @@ def quantize_to_run(model_src: str, out_dir: str, scheme, wq, rotations: str = "
         if not torch.equal(got, expected):
             raise SpinQuantError(f"verification failed: the saved run reproduces the logits only to {max_rel_diff(got, expected):.2e}")
         record_owner(tmp, "quantize", identity)
+    if store is not None:
+        store.remove()
     return config
 
 

@@ -174,7 +174,8 @@ def check_resources(config: Any, out: Path, learn_on_cpu: bool, pte: bool, float
     ratios = {**PEAK_OVER_FLOAT32, **(STREAMED_PEAK_OVER_FLOAT32 if streamed and not float_checkpoint else {})}
     memory = max(ratios[s] for s in stages) * 4 * params
     # quantized.safetensors and the ExecuTorch checkpoint (and the .pte): int8 weights + float32 group scales; or the
-    # float Meta checkpoint for a float target
+    # float Meta checkpoint for a float target. GPTQ's finished layers (formats/layer_progress.py, at most the int8
+    # model) are removed before the export writes, so they fit within the same count
     disk = 4 * params if float_checkpoint else (3 if pte else 2) * params * (1 + 4 / 32)
     available, free = available_memory_bytes(), free_disk_bytes(out)
     what = f"{'/'.join(stages)} of a {params / 1e9:.2f}B-parameter model{', read layer by layer' if streamed else ''}"

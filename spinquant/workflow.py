@@ -232,6 +232,9 @@ def scale_tuning_config(opts: CalibrateOptions):
     return ScaleTuningConfig(steps=int(opts.tune_scales_steps or 0), lr=opts.tune_scales_lr)
 
 
+GPTQ_PROGRESS = ".gptq-layers"  # the quantize stage's finished layers while it runs (formats/layer_progress.py)
+
+
 def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path) -> None:
     target = get_target(opts.target)
     tmp = Path(tempfile.mkdtemp(prefix=".stage-quantize-", dir=run.dir))
@@ -242,7 +245,7 @@ def _stage_quantize(run: Run, opts: CalibrateOptions, model_src: str, rbin: Path
             quantize_to_run(model_src, str(tmp / "out"), target.scheme, gptq_config(opts),
                             rotations=str(rbin), calib=_calibration(opts, opts.gptq_nsamples), seed=opts.seed,
                             device=opts.device, tokenizer_src=opts.tokenizer, extra_config={"target": target.name},
-                            r4=opts.r4 == "on", tuning=scale_tuning_config(opts))
+                            r4=opts.r4 == "on", tuning=scale_tuning_config(opts), progress_dir=run.dir / GPTQ_PROGRESS)
         run.move_in(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

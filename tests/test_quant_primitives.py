@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
 from torchao.quantization.utils import per_token_dynamic_quant
 
@@ -135,3 +136,33 @@ def test_weight_given_integers_forward_and_gradient():
     assert torch.allclose(g, expected, atol=1e-9)
 
 
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_fixed_linear_in_row_chunks_equals_the_whole_weight(monkeypatch, group_size):
+    """A large weight is dequantized a chunk of rows at a time: same output, same gradients (x and the log-scales)."""
+    from spinquant.quant import primitives
+    from spinquant.quant.primitives import dequantize_weight, fixed_linear
+
+    torch.manual_seed(0)
+    q = torch.randint(-8, 8, (40, 64), dtype=torch.int8)
+    scales = torch.rand(40, 64 // (group_size or 64)) + 0.5
+    bias = torch.randn(40)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    theta = (0.1 * torch.randn_like(scales)).requires_grad_(True)
+    whole = F.linear(x, dequantize_weight(q, scales * theta.exp(), group_size), bias)
+    whole.square().sum().backward()
+    gx, gt = x.grad.clone(), theta.grad.clone()
+    x.grad = theta.grad = None
+    monkeypatch.setattr(primitives, "FIXED_LINEAR_CHUNK_ELEMENTS", 64 * 16)  # 3 chunks of 16, 16, 8 rows
+    assert len(primitives._row_chunks(q)) == 3
+    chunked = fixed_linear(x, q, scales, group_size, theta, bias)
+
+    def rel(a, b):  # float32 sums in another order: relative to the tensor's scale
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert rel(chunked, whole) < 1e-6
+    chunked.square().sum().backward()
+    assert rel(x.grad, gx) < 1e-5 and rel(theta.grad, gt) < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fixed_linear(x, q, scales, group_size), F.linear(x, dequantize_weight(q, scales, group_size)))

@@ -66,7 +66,7 @@ def ref_gptq(ref_model_dir, wikitext_valid_file):
     fuse_and_rotate(model, Rotations.random_hadamard(model, 0))
     windows = calibration_windows(CalibrationSet(source=str(wikitext_valid_file), nsamples=8, seqlen=256),
                                   load_tokenizer(ref_model_dir), use_cache=False)
-    cfg = WeightQuantConfig(method="gptq", clip_search=True)
+    cfg = WeightQuantConfig(method="gptq", clip_search=True, compare_rtn=True)
     quantize_model(model, META_8DA4W, cfg, windows, progress=False)
     return model, cfg
 
@@ -326,6 +326,23 @@ def test_scale_refit_is_the_least_squares_scales_for_fixed_integers(group):
     assert after < 0.99 * before
 
 
+def test_group_normal_matrices_match_their_definition():
+    """A[r, k, l] = Σ_{a∈k, c∈l} q_ra H_ac q_rc, computed group by group in float32, against float64 einsum."""
+    from spinquant.quant.scale_refit import group_normal_matrices
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 96, dtype=torch.float64)
+    x[:, 5] *= 40
+    h = x.T @ x / 512
+    q = torch.randint(-8, 8, (7, 96), dtype=torch.int8)
+    qg = q.double().reshape(7, 3, 32)
+    want = torch.einsum("rki,kilj,rlj->rkl", qg, h.reshape(3, 32, 3, 32), qg)
+    got = group_normal_matrices(q, h.float(), 32)
+    assert got.dtype == torch.float32 and got.shape == (7, 3, 3)
+    assert torch.equal(got, got.transpose(1, 2))
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
 def test_scale_refit_in_gptq_lowers_every_linears_output_error_and_exports(tiny_model, tmp_path):
     """WeightQuantConfig.scale_refit: GPTQ's integers stay, only the scales move; every quantized linear's calibration
     output error is at most GPTQ's without the refit (recorded side by side), and the export still agrees with
@@ -335,7 +352,7 @@ def test_scale_refit_in_gptq_lowers_every_linears_output_error_and_exports(tiny_
     windows = torch.randint(0, tiny_model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     fused = untie_embeddings(copy.deepcopy(tiny_model))
     fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
-    cfg = WeightQuantConfig(method="gptq", scale_refit=True)
+    cfg = WeightQuantConfig(method="gptq", scale_refit=True, compare_rtn=True)
     model = quantize_model(fused, META_8DA4W, cfg, windows, progress=False)
     errors = cfg.stats["output_error"]
     assert len(errors) == len(list(quant_linears(model)))

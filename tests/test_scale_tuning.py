@@ -152,3 +152,27 @@ def test_quantize_cli_tunes_scales_on_other_windows_and_records_it(tiny_model_di
     assert r.exit_code == 2 and "No such option" in r.output and not (tmp_path / "normed").exists()
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "neg"), "--tune-scales-steps", "-1"])
     assert r.exit_code == 2 and "--tune-scales-steps" in r.output and not (tmp_path / "neg").exists()
+
+
+def test_blockwise_tuning_lowers_each_layers_output_error_and_keeps_the_integers(tiny_model):
+    from spinquant.experimental.block_tuning import BlockTuner
+
+    fused = untie_embeddings(copy.deepcopy(tiny_model))
+    fuse_and_rotate(fused, Rotations.random_hadamard(fused, 0))
+    windows = _windows(tiny_model, 8, 0)
+    cfg = dict(method="gptq", float_target=True, target_percdamp=0.1, scale_refit=True)
+    plain = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(**cfg), windows, progress=False)
+    tuner = BlockTuner(steps=24, lr=1e-2)
+    tuned = quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(**cfg), windows, progress=False,
+                           after_layer=tuner)
+    n_layers = tiny_model.config.num_hidden_layers
+    assert sorted(tuner.stats) == list(range(n_layers))
+    assert all(st["last_pass"] < st["first_pass"] for st in tuner.stats.values()), tuner.stats
+    # the first layer sees the same inputs in both runs: its integers are GPTQ's, only its scales moved
+    layer0 = [(n, lin) for n, lin in quant_linears(tuned) if n.startswith("model.layers.0.")]
+    plain0 = dict(quant_linears(plain))
+    assert all(torch.equal(lin.qweight, plain0[n].qweight) for n, lin in layer0)
+    assert all(not torch.equal(lin.scales, plain0[n].scales) and lin.scale_log_offset is None for n, lin in layer0)
+    with pytest.raises(ValueError, match="needs the float stream"):
+        quantize_model(copy.deepcopy(fused), META_8DA4W, WeightQuantConfig(method="gptq"), windows, progress=False,
+                       after_layer=BlockTuner(steps=2))

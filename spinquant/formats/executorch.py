@@ -63,29 +63,38 @@ def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
     return "8da4w_output_8da8w" if scheme.output_w_bits == 8 else "8da4w"
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is the whole of its storage, else a compact copy: torch.save writes a tensor's whole
+    storage, so a view must be copied, but copying every tensor would hold the quantized model twice while saving."""
+    t = t.detach()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.contiguous().clone()
+
+
 def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The checkpoint dict (Meta names, float32 scales, norms and biases, norm.weight first). A fused linear is split
     into one Meta linear per part (rows of its integers and scales: groups run along the input); q/k rows are
-    permuted to interleaved RoPE where the family's Meta layout has it (Llama), else params.json says use_hf_rope."""
+    permuted to interleaved RoPE where the family's Meta layout has it (Llama), else params.json says use_hf_rope.
+    Tensors that are whole are the model's own (not copies): the dict is for saving, not for changing."""
     cfg = model.config
     arch = architecture_of(cfg)
-    sd: dict[str, torch.Tensor] = {"norm.weight": model.get_submodule(arch.final_norm).weight.detach().float().clone()}
+    sd: dict[str, torch.Tensor] = {"norm.weight": _owned(model.get_submodule(arch.final_norm).weight.float())}
     emb = model.get_submodule(arch.embedding)
-    sd["tok_embeddings.weight"] = emb.qweight.clone()
-    sd["tok_embeddings.scales"] = emb.scales.float().clone()
+    sd["tok_embeddings.weight"] = _owned(emb.qweight)
+    sd["tok_embeddings.scales"] = _owned(emb.scales.float())
     head = model.get_submodule(arch.head)
     if scheme.output_w_bits == 8:
-        sd["output.weight"] = head.qweight.clone()
-        sd["output.scales"] = head.scales.float().reshape(-1).clone()
+        sd["output.weight"] = _owned(head.qweight)
+        sd["output.scales"] = _owned(head.scales.float().reshape(-1))
         sd["output.zeros"] = torch.zeros_like(sd["output.scales"])
     else:
-        sd["output.weight"] = head.weight.detach().float().clone()
+        sd["output.weight"] = _owned(head.weight.float())
     layer_names = {k: v for k, v in arch.meta_names.items() if not k.startswith((f"{arch.backbone}.", arch.head))}
     for i, layer in enumerate(arch.decoder_layers(model)):
         for hf, meta in layer_names.items():
             mod = layer.get_submodule(hf)
             if not hasattr(mod, "qweight"):  # a norm: float weight
-                sd[f"layers.{i}.{meta}.weight"] = mod.weight.detach().float().clone()
+                sd[f"layers.{i}.{meta}.weight"] = _owned(mod.weight.float())
                 continue
             parts = (arch.part_rows(cfg, hf).values() if hf in arch.parts else [slice(None)])
             metas = meta if isinstance(meta, tuple) else (meta,)
@@ -96,7 +105,7 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
                     t = t[rows]
                     if arch.interleaved_rope:  # (Llama: no fused linears, so hf names the whole q/k_proj)
                         t = permute_rope_rows(hf, t, cfg, to_meta=True)
-                    return t.contiguous().clone()
+                    return _owned(t)
 
                 sd[f"{key}.weight"] = meta_rows(mod.qweight)
                 sd[f"{key}.scales"] = meta_rows(mod.scales.float())

@@ -13,7 +13,7 @@ the *float model's* output instead, ``min ||W X - Q X̃||`` (X: the float model'
 linear on the same tokens; the objective of GPTAQ, Li et al. 2025). That objective splits exactly:
 with the least-squares weight ``W* = W C H̃⁻¹`` (``C = X X̃ᵀ``, ``H̃ = X̃ X̃ᵀ``, both summed over the
 calibration tokens), ``||W X - Q X̃||² = ||W X - W* X̃||² + ||(W* - Q) X̃||²``, so GPTQ of W* on H̃
-solves it. The fit is ridge-damped towards W (``least_squares_target``, ``target_percdamp``).
+solves it. The fit is ridge-damped towards W (``FloatTargetFit``, ``target_percdamp``).
 A float copy of the current decoder layer runs beside the quantized one to give X: the float stream's hidden states
 are one more copy of the calibration inputs, and the paired linear inputs are alive one batch at a time.
 """
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -47,8 +49,9 @@ class WeightQuantConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     float_target: bool = False  # GPTQ fits the float model's outputs, not the layer's own (module docstring)
-    target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (least_squares_target; module docstring)
+    target_percdamp: float = FLOAT_TARGET_PERCDAMP  # the float target's ridge damping (FloatTargetFit; module docstring)
     scale_refit: bool = False  # after GPTQ, each row's group scales are refitted to its integers (quant/scale_refit.py)
+    compare_rtn: bool = False  # also record RTN's (and the pre-refit) output error beside GPTQ's: diagnostics, costs time
     batch_size: int = 8
     stats: dict = field(default_factory=dict)
 
@@ -133,35 +136,37 @@ def _gptq_rows(parts: list[tuple[str, QuantLinear, slice]], h: torch.Tensor, cfg
 
     With ``cfg.scale_refit`` GPTQ's group scales are then refitted to its integers by least squares on H.
 
-    Adds, per linear, the output reconstruction error of GPTQ and of RTN (same range setting) on
-    the same inputs to ``cfg.stats["output_error"][name] = {"gptq": ..., "rtn": ...}`` (sums over the chunks;
-    with the refit also ``"gptq_before_refit"``).
+    Adds, per linear, GPTQ's output reconstruction error on its calibration inputs to
+    ``cfg.stats["output_error"][name]["gptq"]`` (a sum over the chunks); with ``cfg.compare_rtn`` also RTN's (same
+    range setting) as ``"rtn"`` and, with the refit, GPTQ's before it as ``"gptq_before_refit"``.
     """
     lin0 = parts[0][1]
     bits, group = lin0.w_bits, lin0.group_size
     solver = GptqSolver(h, bits, group, cfg.clip_search, cfg.percdamp, cfg.blocksize)
     errors = cfg.stats.setdefault("output_error", {})
+    compared = (["rtn"] + (["gptq_before_refit"] if cfg.scale_refit else [])) if cfg.compare_rtn else []
     for name, _, _ in parts:
-        errors.setdefault(name, {"gptq": 0.0, "rtn": 0.0} | ({"gptq_before_refit": 0.0} if cfg.scale_refit else {}))
+        errors.setdefault(name, dict.fromkeys(["gptq", *compared], 0.0))
     for piece in _row_chunks(parts, max(1, GPTQ_CHUNK_ELEMENTS // lin0.in_features)):
         w = torch.cat([lin.weight.detach()[rows].float() for _, lin, rows in piece])
         q_c, s_c = solver.quantize(w)
-        w_before = None
+        others = {}
+        if "gptq_before_refit" in compared:
+            others["gptq_before_refit"] = dequantize_weight(q_c, s_c, group)
         if cfg.scale_refit:
-            w_before = dequantize_weight(q_c, s_c, group)
             s_c = refit_group_scales(w, q_c, s_c, h, group)
-        w_rtn = dequantize_weight(*rtn_integers(w, bits, group, cfg.clip_search), group)
+        if "rtn" in compared:
+            others["rtn"] = dequantize_weight(*rtn_integers(w, bits, group, cfg.clip_search), group)
         w_gptq = dequantize_weight(q_c, s_c, group)
         row = 0
         for name, lin, rows in piece:
             r = slice(row, row + rows.stop - rows.start)
             errors[name]["gptq"] += output_error(w[r], w_gptq[r], h)
-            errors[name]["rtn"] += output_error(w[r], w_rtn[r], h)
-            if w_before is not None:
-                errors[name]["gptq_before_refit"] += output_error(w[r], w_before[r], h)
+            for key, w_other in others.items():
+                errors[name][key] += output_error(w[r], w_other[r], h)
             out[name][0][rows], out[name][1][rows] = q_c[r], s_c[r]
             row = r.stop
-        del w, q_c, s_c, w_rtn, w_gptq, w_before
+        del w, q_c, s_c, w_gptq, others
 
 
 def _integer_buffers(lin: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,24 +248,47 @@ class CrossAccumulator:
         self.c.addmm_((x_float * f).T, x_quant * f)
 
 
-@torch.no_grad()
-def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W* = W (C + Λ)(H̃ + Λ)⁻¹ = W + W (C - H̃)(H̃ + Λ)⁻¹ (shapes: w (out, in), c and h (in, in)).
+class FloatTargetFit:
+    """W* = W (C + Λ)(H̃ + Λ)⁻¹ = W + W (C - H̃)(H̃ + Λ)⁻¹ for any W (out, in) reading the input of C and H̃ (in, in).
 
     The ridge solution of ``min ||W X - V X̃||² + λ ||V - W||²``: the damping pulls W* towards W, not towards 0
     (a plain ridge ``W C (H̃ + λI)⁻¹`` shrinks W along every direction of little input variance, and after
     rotation of a model with massive activations that is most directions): Λ = λI with
     λ = percdamp x mean diag(H̃), as GPTQ damps. With X̃ = X, W* = W whatever Λ. Dead inputs (zero variance) keep
-    W's columns.
+    W's columns. The factor of H̃ + Λ is computed once and serves every linear of a shared input. Float32 (the damping
+    bounds the condition number; the solve's error lands on the correction W* - W, a small part of W), through a
+    Cholesky factor; float64 only if float32 cannot factor it. Rows are independent and go in chunks of
+    GPTQ_CHUNK_ELEMENTS, so a 128256-row output layer's temporaries stay at a chunk's size.
     """
-    h = h.double()
-    diag = torch.diag(h)
-    dead = diag == 0
-    damped = h.clone()
-    damped[dead, dead] = 1.0
-    damped.diagonal().add_(percdamp * torch.mean(diag))
-    delta = w.double() @ (c.double() - h)  # W (C - H̃): zero where the quantized inputs equal the float ones
-    return (w.double() + torch.linalg.solve(damped, delta.T).T).to(w.dtype)  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
+
+    @torch.no_grad()
+    def __init__(self, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> None:
+        h = h.float()
+        diag = torch.diag(h)
+        dead = diag == 0
+        damped = h.clone()
+        damped[dead, dead] = 1.0
+        damped.diagonal().add_(percdamp * torch.mean(diag))
+        self.distortion = c.float() - h  # C - H̃: zero where the quantized inputs equal the float ones
+        self.factor, info = torch.linalg.cholesky_ex(damped)
+        if info.item() != 0:
+            self.factor = torch.linalg.cholesky(damped.double())
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        """W* (float32, a new tensor) for ``w`` (out, in)."""
+        out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        rows = max(1, GPTQ_CHUNK_ELEMENTS // w.shape[1])
+        for a in range(0, w.shape[0], rows):
+            part = w[a : a + rows].float()
+            delta = (part @ self.distortion).to(self.factor.dtype)
+            out[a : a + rows] = part + torch.cholesky_solve(delta.T, self.factor).T.float()  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
+        return out
+
+
+def least_squares_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W* for one weight (:class:`FloatTargetFit`), in ``w``'s dtype."""
+    return FloatTargetFit(c, h, percdamp)(w).to(w.dtype)
 
 
 def float_copy(layer: nn.Module) -> nn.Module:
@@ -290,12 +318,11 @@ def _float_target_statistics(layer: nn.Module, ref: nn.Module, name: str, inps: 
 
 def _fit_float_target(named: list[tuple[str, QuantLinear]], c: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig) -> None:
     """Replace each quantized linear's weight by the float target's least-squares weight W* for the statistics C, H̃
-    (least_squares_target), which GPTQ then quantizes; the weight becomes float32."""
+    (:class:`FloatTargetFit`), which GPTQ then quantizes; the weight becomes float32."""
+    fit = FloatTargetFit(c, h, cfg.target_percdamp)
     for _, lin in named:
         if lin.w_bits < FLOAT:
-            w = lin.weight.detach().float().clone()
-            w[:] = least_squares_target(w, c, h, cfg.target_percdamp)
-            lin.weight.data = w
+            lin.weight.data = fit(lin.weight.detach())
 
 
 class LayerPreparer:
@@ -307,6 +334,21 @@ class LayerPreparer:
 
     def head(self) -> None:
         """Make the output layer ready to quantize."""
+
+
+class LayerStore(Protocol):
+    """Where GPTQ keeps each finished decoder layer, so that a killed run resumes after its last one
+    (formats/layer_progress.LayerProgress). Its first ``layers_done`` layers are restored from it instead of
+    quantized again; ``output_error`` holds their output errors (full linear names, as ``cfg.stats`` keeps them)."""
+
+    layers_done: int
+    output_error: dict
+
+    def load(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer ``i``'s quantized linears: {name relative to the layer: (q int8 (out, in), scales float32)}."""
+
+    def save(self, i: int, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]], output_error: dict) -> None:
+        """Record layer ``i`` as finished: its linears' integers and scales, and their output errors."""
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -329,12 +371,18 @@ def _advance(layer: nn.Module, stream: torch.Tensor, pos_emb, batch_size: int) -
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuantConfig, progress: bool = True,
-                        float_inputs: torch.Tensor | None = None, prepare: LayerPreparer | None = None) -> None:
+                        float_inputs: torch.Tensor | None = None, prepare: LayerPreparer | None = None,
+                        store: LayerStore | None = None, after_layer: Callable[..., None] | None = None) -> None:
     """Sequential GPTQ over ``windows`` (n, seqlen) int64 on the model's device (see module docstring).
 
     ``float_inputs`` (n, seqlen, dim): the float model's embedding output, the start of the float stream that
     ``cfg.float_target`` needs (taken before the embedding was quantized; overwritten layer by layer).
-    ``prepare``: reads each layer (and the output layer) just before it is quantized (a streamed model)."""
+    ``prepare``: reads each layer (and the output layer) just before it is quantized (a streamed model).
+    ``store``: each finished layer is saved to it; its first ``store.layers_done`` layers are restored from it (the
+    calibration streams are run through them again, which reproduces them exactly) instead of quantized again.
+    ``after_layer(i, layer, ref, inps, finps, pos_emb)``: called once a layer is quantized, before it is saved and
+    the streams advance (``ref``: its float copy, ``finps``: the float stream; None without the float objective):
+    research's seam (experimental/block_tuning.py)."""
     arch = architecture_of(model.config)
     device = _device(model)
     windows = windows.to(device)
@@ -342,23 +390,37 @@ def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuan
     finps = float_inputs.to(device) if cfg.float_target else None
     pos_ids = torch.arange(windows.shape[1], device=device)[None]
     pos_emb = model.get_submodule(arch.rotary)(inps[:1], pos_ids)
+    errors = cfg.stats.setdefault("output_error", {})
+    done = 0 if store is None else store.layers_done
     for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="gptq", unit="layer", disable=not progress)):
         if prepare is not None:
             prepare.layer(i, layer)
         ref = float_copy(layer) if cfg.float_target else None
-        for group in arch.groups:
-            named = [(f"{arch.layers}.{i}.{name}", layer.get_submodule(name)) for name in group]
-            if ref is not None:
-                acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
-                _fit_float_target(named, acc.c, acc.h, cfg)
-            else:
-                first = layer.get_submodule(group[0])
-                acc = HessianAccumulator(first.in_features, device)
-                _observe(first, acc, stop=True)
-                _run_layer(layer, inps, pos_emb, cfg.batch_size)
-                first.observer = None
-            _gptq_linears(named, acc.h, cfg)
-            del acc
+        prefix = f"{arch.layers}.{i}."
+        if i < done:
+            for name, (q, s) in store.load(i).items():
+                layer.get_submodule(name).set_quantized(q.to(device), s.to(device))
+            errors.update({k: v for k, v in store.output_error.items() if k.startswith(prefix)})
+        else:
+            for group in arch.groups:
+                named = [(prefix + name, layer.get_submodule(name)) for name in group]
+                if ref is not None:
+                    acc = _float_target_statistics(layer, ref, group[0], inps, finps, pos_emb, cfg.batch_size)
+                    _fit_float_target(named, acc.c, acc.h, cfg)
+                else:
+                    first = layer.get_submodule(group[0])
+                    acc = HessianAccumulator(first.in_features, device)
+                    _observe(first, acc, stop=True)
+                    _run_layer(layer, inps, pos_emb, cfg.batch_size)
+                    first.observer = None
+                _gptq_linears(named, acc.h, cfg)
+                del acc
+            if after_layer is not None:
+                after_layer(i, layer, ref, inps, finps, pos_emb)
+            if store is not None:
+                linears = [(n, layer.get_submodule(n)) for n in arch.block_linears()]
+                store.save(i, {n: (lin.qweight, lin.scales) for n, lin in linears if lin.weight_mode == "fixed"},
+                           {k: v for k, v in errors.items() if k.startswith(prefix)})
         _advance(layer, inps, pos_emb, cfg.batch_size)
         if ref is not None:
             _advance(ref, finps, pos_emb, cfg.batch_size)
@@ -383,11 +445,13 @@ def gptq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: WeightQuan
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, cfg: WeightQuantConfig,
                    windows: torch.Tensor | None = None, progress: bool = True,
-                   prepare: LayerPreparer | None = None) -> nn.Module:
+                   prepare: LayerPreparer | None = None, store: LayerStore | None = None,
+                   after_layer: Callable[..., None] | None = None) -> nn.Module:
     """Fake-quantize ``model`` in place under ``scheme`` and fix every quantized weight to integers.
 
     ``prepare`` (a streamed model, :class:`LayerPreparer`): each layer is read just before it is quantized, so the
-    float weights of one layer at a time are in memory."""
+    float weights of one layer at a time are in memory. ``store`` (GPTQ): resume from / save finished layers;
+    ``after_layer``: a seam after each quantized layer (both: :func:`gptq_quantize_model`)."""
     t0 = time.perf_counter()
     make_fake_quant(model, scheme)
     model.requires_grad_(False)
@@ -398,7 +462,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, cfg: WeightQuantConfig
         float_inputs = _embed(model, windows.to(_device(model)), cfg.batch_size)
     quantize_embedding(model, scheme, cfg.clip_search)
     if cfg.method == "gptq":
-        gptq_quantize_model(model, windows, cfg, progress, float_inputs, prepare)
+        gptq_quantize_model(model, windows, cfg, progress, float_inputs, prepare, store, after_layer)
     elif cfg.method == "rtn":
         arch = architecture_of(model.config)
         for i, layer in enumerate(arch.decoder_layers(model)):

@@ -25,8 +25,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from spinquant.architectures import architecture_of
 from spinquant.hadamard import HadamardInputLinear, OnlineHadamard, apply_hadamard
 from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
-                                        fake_quant_per_token_sym, fake_quant_weight,
-                                        fake_quant_weight_given_integers)
+                                        fake_quant_per_token_sym, fake_quant_weight, fake_quant_weight_given_integers,
+                                        fixed_linear)
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
 ATTN_IMPL = "spinquant_sdpa"
@@ -91,8 +91,11 @@ class QuantLinear(nn.Module):
         x = self.quantize_input(x)
         if self.observer is not None:
             self.observer(x)
-        w = self.effective_weight()
         b = self.bias if self.bias_override is None else self.bias_override
+        if self.weight_mode == "fixed":  # dequantized a chunk of rows at a time (a large output layer never whole)
+            return fixed_linear(x.to(self.scales.dtype), self.qweight, self.scales, self.group_size, self.scale_log_offset,
+                                None if b is None else b.to(self.scales.dtype))
+        w = self.effective_weight()
         return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ which does not lower the quantized loss.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 EPS_8DA4W = torch.finfo(torch.float32).eps  # Int8DynActInt4WeightLinear's per-token eps
 EPS_8DA8W = torch.finfo(torch.float32).smallest_normal  # Int8DynActInt8WeightLinear's (torchao default)
@@ -116,3 +117,55 @@ def fake_quant_per_token_sym(x: torch.Tensor, bits: int, clip: float = 1.0) -> t
     qmin, qmax = qrange(bits)
     s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * clip / qmax, min=EPS_8DA4W)
     return (torch.clamp(round_ste(x / s), qmin, qmax) * s).to(dtype)
+
+
+FIXED_LINEAR_CHUNK_ELEMENTS = 1 << 25  # weight elements dequantized at a time (128 MiB of float32)
+
+
+class _FixedLinear(torch.autograd.Function):
+    """``x @ (q * s)ᵀ`` with ``s = scales * exp(θ)``, the weight dequantized a chunk of rows at a time, in the forward
+    and again in the backward (module-level :func:`fixed_linear`). Gradients: x and θ (the integers are fixed)."""
+
+    @staticmethod
+    def forward(ctx, x, q, scales, log_offset, group_size, bias):
+        s = scales if log_offset is None else scales * log_offset.exp()
+        out = x.new_empty(*x.shape[:-1], q.shape[0])
+        for rows in _row_chunks(q):
+            out[..., rows] = F.linear(x, dequantize_weight(q[rows], s[rows], group_size, x.dtype),
+                                      None if bias is None else bias[rows])
+        ctx.save_for_backward(x, q, s)
+        ctx.group_size, ctx.has_offset = group_size, log_offset is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, q, s = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        grad_x = torch.zeros_like(xs) if ctx.needs_input_grad[0] else None
+        grad_s = torch.zeros_like(s) if ctx.has_offset and ctx.needs_input_grad[3] else None
+        for rows in _row_chunks(q):
+            if grad_x is not None:
+                grad_x += g[:, rows] @ dequantize_weight(q[rows], s[rows], ctx.group_size, x.dtype)
+            if grad_s is not None:  # dL/ds_rk = Σ_{c∈k} q_rc (gᵀx)_rc
+                grad_s[rows] = _grouped((g[:, rows].T @ xs) * q[rows].to(x.dtype), ctx.group_size).sum(-1).to(s.dtype)
+        return (None if grad_x is None else grad_x.reshape(x.shape), None, None,
+                None if grad_s is None else grad_s * s, None, None)  # s = scales exp(θ): ds/dθ = s; no bias gradient
+
+
+def _row_chunks(q: torch.Tensor):
+    rows = max(1, FIXED_LINEAR_CHUNK_ELEMENTS // q.shape[1])
+    return [slice(a, a + rows) for a in range(0, q.shape[0], rows)]
+
+
+def fixed_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int | None,
+                 log_offset: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantize_weight(q, scales * exp(log_offset)), bias)`` without the whole float weight in memory: the
+    weight (out, in) is dequantized FIXED_LINEAR_CHUNK_ELEMENTS at a time (a 128256-row output layer in pieces), in
+    the forward and again in the backward. Differentiable in ``x`` and ``log_offset`` (out, in/g): the scale tuning's
+    parameters (the float ``bias`` gets no gradient). A weight of one chunk is exactly ``F.linear`` on the whole
+    dequantized weight, under plain autograd."""
+    if len(_row_chunks(q)) == 1:
+        s = scales if log_offset is None else scales * log_offset.exp()
+        return F.linear(x, dequantize_weight(q, s, group_size, x.dtype), bias)
+    return _FixedLinear.apply(x, q, scales, log_offset, group_size, bias)

@@ -58,6 +58,37 @@ def tunable_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, lin) for name, lin in quant_linears(model) if lin.weight_mode == "fixed"]
 
 
+def start_log_offsets(linears: list[QuantLinear]) -> list[torch.Tensor]:
+    """θ = 0 on each fixed linear's scales (its forward then uses ``scales * exp(θ)``); returns the θs to train."""
+    for lin in linears:
+        lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
+    return [lin.scale_log_offset for lin in linears]
+
+
+def end_log_offsets(linears: list[QuantLinear], bake: bool) -> None:
+    """Remove the θs, first multiplying the scales by exp(θ) when ``bake`` (a finished run; a failed one keeps them)."""
+    with torch.no_grad():
+        for lin in linears:
+            if bake and lin.scale_log_offset is not None:
+                lin.scales = (lin.scales * lin.scale_log_offset.detach().exp()).float()
+            lin.scale_log_offset = None
+
+
+def adam_cosine(params: list[torch.Tensor], lr: float, steps: int):
+    """Adam with a cosine decay to 0 over ``steps``: the (optimizer, scheduler) both tunings use."""
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
+
+
+def descend(opt, sched, loss: torch.Tensor) -> float:
+    """One step on ``loss``; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def relative_change(log_offsets: list[torch.Tensor]) -> dict[str, float]:
     """Mean and max |exp(θ) - 1| over all entries of ``log_offsets``."""
     change = torch.cat([t.detach().flatten() for t in log_offsets]).exp().sub(1.0).abs()
@@ -94,16 +125,14 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
             return backbone(ids, use_cache=False).last_hidden_state
     else:
         teacher_head, teacher_hidden_of = teacher.head, teacher.final_hidden
-    thetas = []
-    for _, lin in named:
-        lin.scale_log_offset = torch.zeros_like(lin.scales, requires_grad=True)
-        thetas.append(lin.scale_log_offset)
+    linears = [lin for _, lin in named]
+    thetas = start_log_offsets(linears)
     was_training = model.training
     layer_checkpointing(model, True)
-    opt = torch.optim.Adam(thetas + list(extra_params), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=0.0)
+    opt, sched = adam_cosine(thetas + list(extra_params), cfg.lr, cfg.steps)
     losses: list[float] = []
     t0 = time.perf_counter()
+    finished = False
     try:
         for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
             ids = windows[step : step + 1].to(device)
@@ -111,17 +140,10 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
                 teacher_hidden = teacher_hidden_of(ids)[:, :-1]
             hidden = model.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
             loss = chunked_kl(model.get_submodule(arch.head), teacher_head, hidden, teacher_hidden, amp) / hidden.shape[1]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        with torch.no_grad():
-            for _, lin in named:
-                lin.scales = (lin.scales * lin.scale_log_offset.detach().exp()).float()
+            losses.append(descend(opt, sched, loss))
+        finished = True
     finally:  # a failed run leaves the scales as they were
-        for _, lin in named:
-            lin.scale_log_offset = None
+        end_log_offsets(linears, bake=finished)
         layer_checkpointing(model, False)
         model.train(was_training)
     cfg.stats.update({"losses": losses, "seconds": time.perf_counter() - t0, "relative_change": relative_change(thetas)})
