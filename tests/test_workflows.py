@@ -393,7 +393,7 @@ def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(t
     monkeypatch.setenv("SPINQUANT_SKIP_RESOURCE_CHECK", "1")  # the user's way past it: the estimate is printed instead
     line = preflight.check_resources(tiny_model.config, tmp_path / "d", learn_on_cpu=False, pte=True, float_checkpoint=False)
     assert line.startswith("[spinquant] resources: about") and "(export of a 0.00B-parameter model)" in line
-    # a model read layer by layer is estimated from the streamed path's measured peaks (the export's is not re-measured)
+    # a model read layer by layer is estimated from the streamed path's measured peaks, lower than the whole model's
     llama_1b = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, head_dim=64)
 
