@@ -31,7 +31,7 @@ from spinquant.quant.scale_tuning import adam_cosine, descend, end_log_offsets, 
 @dataclass
 class BlockTuner:
     """``steps`` windows per layer (cycling over the calibration windows), Adam ``lr`` on the log-scale offsets.
-    ``stats``: per layer, the relative output error before the first and after the last step, and the seconds."""
+    ``stats``: per layer, the relative output error over all calibration windows before and after, and the seconds."""
 
     steps: int = 32
     lr: float = 1e-3
@@ -47,8 +47,18 @@ class BlockTuner:
         if not linears or self.steps == 0:
             return
         t0 = time.perf_counter()
+
+        def error() -> float:  # Σ ||layer_q(x̃) - layer_f(x)||² / Σ ||layer_f(x)||² over the windows
+            num = den = 0.0
+            with torch.no_grad():
+                for j in range(inps.shape[0]):
+                    target = ref(finps[j : j + 1], attention_mask=None, position_embeddings=pos_emb)
+                    out = layer(inps[j : j + 1], attention_mask=None, position_embeddings=pos_emb)
+                    num, den = num + (out - target).pow(2).sum().item(), den + target.pow(2).sum().item()
+            return num / den
+
+        before = error()
         opt, sched = adam_cosine(start_log_offsets(linears), self.lr, self.steps)
-        losses: list[float] = []
         finished = False
         try:
             with torch.enable_grad():
@@ -57,10 +67,8 @@ class BlockTuner:
                     with torch.no_grad():
                         target = ref(finps[j : j + 1], attention_mask=None, position_embeddings=pos_emb)
                     out = layer(inps[j : j + 1], attention_mask=None, position_embeddings=pos_emb)
-                    losses.append(descend(opt, sched, (out - target).pow(2).sum() / target.pow(2).sum()))
+                    descend(opt, sched, (out - target).pow(2).sum() / target.pow(2).sum())
             finished = True
         finally:  # a failed step leaves the scales as GPTQ set them
             end_log_offsets(linears, bake=finished)
-        n = min(len(losses), inps.shape[0])
-        self.stats[i] = {"first_pass": sum(losses[:n]) / n, "last_pass": sum(losses[-n:]) / n,
-                         "seconds": time.perf_counter() - t0}
+        self.stats[i] = {"before": before, "after": error(), "seconds": time.perf_counter() - t0}
