@@ -10,7 +10,7 @@ allocated memory per stage comes from the run's stages.json. Writes benchmarks/r
 (with --learn-step: ..._learn-step.{md,json}).
 
     python scripts/bench_scale.py --shape llama-3.2-1b --device cpu --rotations hadamard --gptq-nsamples 16 --seqlen 512 --eval-windows 2
-    python scripts/bench_scale.py --shape llama-3.2-1b --device cpu --learn-step        # one learning step, 1 x 256 tokens
+    python scripts/bench_scale.py --shape llama-3.2-1b --device cpu --learn-step --learn-seqlen 2048  # one learning step
     python scripts/bench_scale.py --shape llama-3.2-1b --device cuda --steps 100 --nsamples 800 --seqlen 2048   # the full recipe
     python scripts/bench_scale.py --shape llama-3.2-1b --device cuda --quick           # minutes: 10 steps, 32 GPTQ windows
 """
@@ -208,7 +208,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=2)
     ap.add_argument("--no-pte", action="store_true")
     ap.add_argument("--quick", action="store_true", help="10 steps x 8 windows, 32 GPTQ windows, seqlen 2048")
-    ap.add_argument("--learn-step", action="store_true", help="only one learning step (micro-batch 1 x 256 tokens)")
+    ap.add_argument("--learn-step", action="store_true", help="only one learning step (micro-batch 1 x --learn-seqlen tokens)")
+    ap.add_argument("--learn-seqlen", type=int, default=256, help="with --learn-step: tokens of its one window (2048: Meta's)")
     ap.add_argument("--quantize-rtn", action="store_true",
                     help="only `spinquant quantize --method rtn` (load, rotate, quantize, checkpoint, reload check): the "
                          "memory of the whole-model stages at full depth without GPTQ's hours on a CPU")
@@ -234,7 +235,7 @@ def main() -> None:
                    "hadamard", "--method", "rtn", "--device", args.device]
         elif args.learn_step:
             cmd = [sys.executable, "-m", "spinquant", "learn-rotations", "--model", str(model), "--out", str(run), "--calib-data",
-                   str(data / "wiki.valid.raw"), "--steps", "1", "--batch-size", "1", "--seqlen", "256", "--device", args.device]
+                   str(data / "wiki.valid.raw"), "--steps", "1", "--batch-size", "1", "--seqlen", str(args.learn_seqlen), "--device", args.device]
         else:
             cmd = [sys.executable, "-m", "spinquant", "calibrate", "--model", str(model), "--out", str(run),
                    "--calib-data", str(data / "wiki.valid.raw"), "--eval-data", str(data / "wiki.test.raw"),
@@ -268,30 +269,51 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def learn_projection(r: dict) -> str:
-    """GPU memory at Meta's batch (8 x 2048, micro-batch 1 x 2048) from the CPU step at 1 x 256.
+def fixed_learning_gib(params: int, cfg: dict) -> tuple[float, float, float]:
+    """(all, float32 weights, rotated linears + their gradients) in GiB: the learning memory that does not grow with the
+    tokens, for a model of ``params`` parameters (tied as in ``cfg``); see :func:`learn_projection`."""
+    vocab_dim = cfg.get("vocab_size", 128256) * cfg["hidden_size"]
+    untied = params + (vocab_dim if cfg.get("tie_word_embeddings", True) else 0)
+    linear = untied - vocab_dim  # every linear incl. lm_head: all but the embedding
+    return (untied + 2 * linear) * 4 / GIB, untied * 4 / GIB, 2 * linear * 4 / GIB
+
+
+def shape_parameters(shape: str) -> int:
+    """Parameters of a SHAPES entry as Llama computes them (embedding once when tied)."""
+    c, vocab = SHAPES[shape], 128256
+    hd, h = c["head_dim"], c["hidden_size"]
+    attn = h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    per_layer = attn + 3 * h * c["intermediate_size"] + 2 * h
+    return vocab * h * (1 if c.get("tie_word_embeddings", True) else 2) + c["num_hidden_layers"] * per_layer + h
+
+
+def learn_projection(r: dict, seqlen: int) -> str:
+    """GPU memory at Meta's batch (8 x 2048, micro-batch 1 x 2048) from the CPU step at 1 x ``seqlen``.
 
     What does not grow with the tokens: the frozen float32 weights (the model's parameters with the embedding
     untied), and per step one rotated copy of every linear plus its gradient (rotation.py: the rotated weights are
     leaves whose gradients accumulate over the micro-batches), so 3 x the linear weights in all. What grows: the
     activations of one micro-batch (the batch of 8 is accumulated micro-batch by micro-batch, so it adds nothing),
     linear in the tokens with SDPA attention and per-layer checkpointing. The CPU peak minus the fixed part is taken
-    as the activations of 256 tokens, x 8 for 2048: an upper bound (the Python process, tokenizer and calibration
-    text are counted as activations; bf16 autocast on a GPU halves most activations).
+    as the activations of ``seqlen`` tokens, x 2048 / seqlen: an upper bound (the Python process, tokenizer and
+    calibration text are counted as activations; bf16 autocast on a GPU halves most activations). The other shapes:
+    their fixed part from their parameter counts, the activations scaled by hidden size x layers (an estimate).
     """
     cfg = r["model"].get("config") or {}
-    params = r["model"]["parameters"]
-    vocab_dim = cfg.get("vocab_size", 128256) * cfg.get("hidden_size", 0)
-    tied = cfg.get("tie_word_embeddings", True)
-    untied = params + (vocab_dim if tied else 0)
-    linear = untied - vocab_dim  # every linear incl. lm_head: all but the embedding
-    fixed = (untied + 2 * linear) * 4 / GIB
-    peak = max(r["peak_rss_gib"].values())
-    act = max(peak - fixed, 0.0)
-    return (f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: fixed {fixed:.1f} GiB (float32 weights "
-            f"{untied * 4 / GIB:.1f} GiB + rotated linears and their gradients {2 * linear * 4 / GIB:.1f} GiB) + activations "
-            f"{act:.1f} GiB at 256 tokens x 8 = {fixed + 8 * act:.1f} GiB (an upper bound; see learn_projection in "
-            f"scripts/bench_scale.py for what is counted).")
+    fixed, weights, rotated = fixed_learning_gib(r["model"]["parameters"], cfg)
+    act = max(max(r["peak_rss_gib"].values()) - fixed, 0.0) * 2048 / seqlen
+    lines = [f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: fixed {fixed:.1f} GiB (float32 weights "
+             f"{weights:.1f} GiB + rotated linears and their gradients {rotated:.1f} GiB) + activations {act:.1f} GiB "
+             f"(measured at {seqlen} tokens{'' if seqlen == 2048 else f', x {2048 / seqlen:g}'}) = {fixed + act:.1f} GiB "
+             f"(an upper bound; see learn_projection in scripts/bench_scale.py for what is counted)."]
+    depth = cfg["hidden_size"] * cfg["num_hidden_layers"]
+    for shape, c in SHAPES.items():
+        if shape == "small" or c["hidden_size"] == cfg["hidden_size"]:
+            continue
+        f, _, _ = fixed_learning_gib(shape_parameters(shape), {"vocab_size": 128256, **c})
+        a = act * c["hidden_size"] * c["num_hidden_layers"] / depth
+        lines.append(f"Estimated from it for {shape}: fixed {f:.1f} GiB + activations {a:.1f} GiB = {f + a:.1f} GiB.")
+    return " ".join(lines)
 
 
 def mode_name(args) -> str:
@@ -335,7 +357,7 @@ def write_results(r: dict, args) -> None:
     if r.get("learning"):
         lines += ["", f"Learning: {json.dumps({k: v for k, v in r['learning'].items() if k in ('steps_per_s', 'tokens_per_s', 'seconds')})}"]
     if args.learn_step and r["exit"] == 0 and "parameters" in r["model"]:
-        lines += ["", learn_projection(r)]
+        lines += ["", learn_projection(r, args.learn_seqlen)]
     if r["exit"] != 0:
         lines += ["", "Did not finish; last lines of the log:", "", *[f"    {x}" for x in r["log_tail"]]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

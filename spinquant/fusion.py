@@ -16,6 +16,7 @@ from torch import nn
 from spinquant.architectures import Architecture, architecture_of, head_dim
 from spinquant.errors import SpinQuantError
 from spinquant.hadamard import HadamardInputLinear, apply_hadamard, random_hadamard_matrix
+from spinquant.quant.primitives import row_slices
 
 ONLINE_R4_KEY = "spinquant_online_r4"
 ORTHOGONALITY_TOL = 1e-4
@@ -30,9 +31,8 @@ def transform_rows_(w: torch.Tensor, fn) -> torch.Tensor:
     Row-wise transforms (``W @ Q``, column scales) of a 128256 x 2048 embedding would need 2 GiB per float64
     copy done whole; in chunks of ROW_CHUNK_ELEMENTS the float64 transients stay at a few dozen MiB.
     """
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[-1]))
-    for a in range(0, w.shape[0], rows):
-        w[a : a + rows] = fn(w[a : a + rows].double()).to(w.dtype)
+    for rows in row_slices(w.shape[0], w.shape[-1], ROW_CHUNK_ELEMENTS):
+        w[rows] = fn(w[rows].double()).to(w.dtype)
     return w
 
 

@@ -160,23 +160,37 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def activation_bytes(hidden: int, gptq_tokens: int, float_objective: bool, streams_on_cpu: bool, tuning_tokens: int,
+                     eval_tokens: int) -> int:
+    """Bytes of calibration activations a calibrate run holds on the CPU beside the model, float32 and ``hidden``
+    wide, one set after another (the largest counts): GPTQ's calibration stream over ``gptq_tokens`` tokens (two
+    streams with the float objective, the float model's and the quantized one; on the GPU when GPTQ runs there), then
+    the scale tuning's float reference (its final hidden states on ``tuning_tokens``), then the report's
+    (``eval_tokens``). The measured peaks behind STREAMED_PEAK_OVER_FLOAT32 were taken at budgets where these are
+    negligible; at GPTQ's default 128 x 2048 tokens they are GiBs."""
+    streams = (2 if float_objective else 1) * gptq_tokens if streams_on_cpu else 0
+    return 4 * hidden * max(streams, tuning_tokens, eval_tokens)
+
+
 def check_resources(config: Any, out: Path, learn_on_cpu: bool, pte: bool, float_checkpoint: bool,
-                    streamed: bool = False) -> str:
+                    streamed: bool = False, activations: int = 0) -> str:
     """The memory and disk a calibrate run of this model needs, estimated from measured peaks (PEAK_OVER_FLOAT32, or
-    STREAMED_PEAK_OVER_FLOAT32 after learning when ``streamed``: the model is read a layer at a time) and the sizes
-    of the files it writes; SpinQuantError before anything starts when the machine has less. Returns the line that
-    states the estimate. Setting SPINQUANT_SKIP_RESOURCE_CHECK=1 turns the refusal into that line."""
+    STREAMED_PEAK_OVER_FLOAT32 after learning when ``streamed``: the model is read a layer at a time) plus the
+    calibration ``activations`` (bytes, :func:`activation_bytes`), and the sizes of the files it writes;
+    SpinQuantError before anything starts when the machine has less. Returns the line that states the estimate.
+    Setting SPINQUANT_SKIP_RESOURCE_CHECK=1 turns the refusal into that line."""
     params = parameter_count(config)
     stages = ["learn"] if learn_on_cpu else []
     stages.append("export" if pte else "quantize")
     ratios = {**PEAK_OVER_FLOAT32, **(STREAMED_PEAK_OVER_FLOAT32 if streamed and not float_checkpoint else {})}
-    memory = max(ratios[s] for s in stages) * 4 * params
+    memory = max(ratios[s] for s in stages) * 4 * params + activations
     # quantized.safetensors and the ExecuTorch checkpoint (and the .pte): int8 weights + float32 group scales; or the
     # float Meta checkpoint for a float target. GPTQ's finished layers (formats/layer_progress.py, at most the int8
     # model) are removed before the export writes, so they fit within the same count
     disk = 4 * params if float_checkpoint else (3 if pte else 2) * params * (1 + 4 / 32)
     available, free = available_memory_bytes(), free_disk_bytes(out)
-    what = f"{'/'.join(stages)} of a {params / 1e9:.2f}B-parameter model{', read layer by layer' if streamed else ''}"
+    what = (f"{'/'.join(stages)} of a {params / 1e9:.2f}B-parameter model{', read layer by layer' if streamed else ''}"
+            f"{f'; calibration activations {_size(activations)}' if activations else ''}")
     line = (f"[spinquant] resources: about {_size(memory)} of memory at peak ({what})"
             + (f", {_size(available)} available" if available is not None else "")
             + f"; about {_size(disk)} of disk, {_size(free)} free")

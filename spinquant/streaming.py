@@ -79,7 +79,12 @@ class FloatReference:
         self.residuals: list[torch.Tensor] = []
         with torch.no_grad():
             embedding = model.get_submodule(arch.embedding)
-            stream = torch.cat([embedding(w[None].to(device)).cpu() for w in windows])
+            # (n, T, dim) float32 on CPU, GiBs at the scale tuning's default windows: filled in place, never copied
+            for k, w in enumerate(windows):
+                x = embedding(w[None].to(device))[0].cpu()
+                if k == 0:
+                    stream = x.new_empty(windows.shape[0], *x.shape)
+                stream[k] = x
             if checkpoint is not None:
                 embedding.to("meta")  # freed: the stream has started
             positions = torch.arange(windows.shape[1], device=device)[None]
@@ -94,7 +99,9 @@ class FloatReference:
                 if checkpoint is not None:
                     layer.to("meta")
             norm = model.get_submodule(arch.final_norm)
-            self.hidden = torch.cat([norm(stream[k : k + 1].to(device)).cpu() for k in range(stream.shape[0])])
+            for k in range(stream.shape[0]):
+                stream[k : k + 1] = norm(stream[k : k + 1].to(device)).cpu()
+            self.hidden = stream
         head = model.get_submodule(arch.head) if checkpoint is None else checkpoint.load_head(model)
         self.head = head.to(device).requires_grad_(False)
         self.device = device

@@ -36,8 +36,8 @@ from spinquant.fusion import Rotations, fuse_and_rotate
 from spinquant.memory import release_memory
 from spinquant.outputs import OWNER_FILE, claim_output, clear_directory, record_owner, resolve_input
 from spinquant.pipeline import export_run, learn_rotations, max_rel_diff, probe_ids, quantize_to_run, resolve_device
-from spinquant.preflight import (check_data_path, check_executorch_rope, check_finite_weights, check_model, check_resources,
-                                 check_rotation_sizes, executorch_rope_problem)
+from spinquant.preflight import (activation_bytes, check_data_path, check_executorch_rope, check_finite_weights, check_model,
+                                 check_resources, check_rotation_sizes, executorch_rope_problem)
 from spinquant.quant.apply import WeightQuantConfig, quantize_model
 from spinquant.quant.scale_tuning import ScaleTuningConfig
 from spinquant.quant.scheme import check_damping
@@ -379,15 +379,20 @@ def _preflight(opts: CalibrateOptions, target, pte: bool, learn: bool, learn_cfg
     if learn:
         learn_cfg.check()
         calibration_windows(_calibration(opts, nsamples), tokenizer)
+    gptq_tokens = tuning_tokens = 0
     if target.quantizes:
-        calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
+        gptq_windows = calibration_windows(_calibration(opts, opts.gptq_nsamples), tokenizer)
+        gptq_tokens, tuning_tokens = gptq_windows.numel(), scale_tuning_config(opts).steps * gptq_windows.shape[1]
     for data in eval_texts(opts):
         check_data_path(data, "--eval-data")
     check_finite_weights(opts.model)
-    learn_on_cpu = learn and resolve_device(opts.device).type == "cpu"
+    on_cpu = resolve_device(opts.device).type == "cpu"
     streamed = describe_source(opts.model) == "hf" and bool(weight_shapes(opts.model))  # safetensors: spinquant.streaming
-    resources = check_resources(config, opts.resolved_out(), learn_on_cpu, pte and target.quantizes,
-                                target.exporter == "float-rotated", streamed)
+    eval_tokens = len(eval_texts(opts)) * opts.eval_windows * min(opts.seqlen, getattr(config, "max_position_embeddings", opts.seqlen))
+    activations = activation_bytes(config.hidden_size, gptq_tokens, opts.gptq_objective == "float", on_cpu, tuning_tokens,
+                                   eval_tokens)
+    resources = check_resources(config, opts.resolved_out(), learn and on_cpu, pte and target.quantizes,
+                                target.exporter == "float-rotated", streamed, activations)
     return config, resources
 
 

@@ -382,7 +382,8 @@ def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(t
     assert preflight.parameter_count(tiny_model.config) == linears + tiny_model.model.embed_tokens.weight.numel()
     monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 1024)
     r = _calibrate(tiny_model_dir, tmp_path / "m", corpus_file)
-    assert r.exit_code == 2 and "of memory at peak (learn/export of a 0.00B-parameter model, read layer by layer)" in r.output, r.output
+    assert r.exit_code == 2 and "of memory at peak (learn/export of a 0.00B-parameter model, read layer by layer; calibration " \
+        "activations" in r.output, r.output
     assert "the machine has 0 MiB available" in r.output
     assert "SPINQUANT_SKIP_RESOURCE_CHECK=1" in r.output and not (tmp_path / "m").exists()
     monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 2**40)
@@ -402,3 +403,33 @@ def test_too_little_memory_or_disk_is_refused_before_the_run_with_the_estimate(t
             llama_1b, tmp_path / "d", learn_on_cpu=False, float_checkpoint=False, **kw)).group(1))
     assert estimate(pte=False, streamed=True) < estimate(pte=False)
     assert estimate(pte=True, streamed=True) <= estimate(pte=True)
+    # the calibration activations add to it: at GPTQ's default 128 x 2048 tokens with the float objective on the CPU,
+    # two float32 streams of 128 x 2048 x 2048 (4 GiB); on a GPU only the tuning's float reference stays on the CPU
+    tokens = 128 * 2048
+    on_cpu = preflight.activation_bytes(2048, tokens, True, True, tuning_tokens=tokens, eval_tokens=20 * 2048)
+    on_gpu = preflight.activation_bytes(2048, tokens, True, False, tuning_tokens=tokens, eval_tokens=20 * 2048)
+    assert (on_cpu, on_gpu) == (4 * 2**30, 2 * 2**30)
+    assert preflight.activation_bytes(2048, tokens, False, True, 0, 0) == 2 * 2**30  # plain GPTQ: one stream
+    assert estimate(pte=False, streamed=True, activations=on_cpu) == pytest.approx(estimate(pte=False, streamed=True) + 4, abs=0.11)
+
+
+def test_the_resource_estimate_counts_the_calibration_activations_asked_for(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """calibrate's estimate adds the calibration activations of the run as asked: GPTQ's two float32 streams (the
+    float objective, on the CPU), the tuning's float reference, the report's; a larger budget raises it."""
+    from spinquant.errors import SpinQuantError
+
+    seen = []
+
+    def capture(config, out, learn_on_cpu, pte, float_checkpoint, streamed=False, activations=0):
+        seen.append((config.hidden_size, activations))
+        raise SpinQuantError("stop after the estimate")
+
+    monkeypatch.setattr(workflow, "check_resources", capture)
+    for n in (4, 16):
+        r = _calibrate(tiny_model_dir, tmp_path / f"o{n}", corpus_file, "--rotations", "hadamard", "--no-pte",
+                       "--gptq-nsamples", str(n), "--seqlen", "32", "--set", "tune_scales_steps=3", "--set", "eval_windows=2")
+        assert r.exit_code == 2 and "stop after the estimate" in r.output, r.output
+    (hidden, small), (_, large) = seen
+    # the default recipe's float objective: two streams of n x 32 tokens; tuning 3 x 32, report 2 windows x 32
+    assert small == 4 * hidden * max(2 * 4 * 32, 3 * 32, 2 * 32)
+    assert large == 4 * hidden * 2 * 16 * 32

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from spinquant.architectures import architecture_of
 from spinquant.quant.fake_quant import QuantLinear, make_fake_quant, set_embedding_quantized
 from spinquant.quant.gptq import GptqSolver, HessianAccumulator
-from spinquant.quant.primitives import dequantize_weight, quantize_weight
+from spinquant.quant.primitives import dequantize_weight, quantize_weight, row_slices
 from spinquant.quant.range_setting import choose_scales
 from spinquant.quant.scale_refit import refit_group_scales
 from spinquant.quant.scheme import FLOAT, FLOAT_TARGET_PERCDAMP, QuantScheme, check_damping
@@ -78,13 +78,12 @@ def rtn_integers(w: torch.Tensor, bits: int, group_size: int | None, clip_search
     """Round-to-nearest integers (int8, (out, in)) and scales (float32, (out, in/g)) of ``w``, with range setting
     when ``clip_search``; in chunks of GPTQ_CHUNK_ELEMENTS rows (rows are independent), so the float temporaries
     of a 128256-row embedding stay at a chunk's size."""
-    rows = max(1, GPTQ_CHUNK_ELEMENTS // w.shape[1])
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = torch.empty(w.shape[0], w.shape[1] // (group_size or w.shape[1]), dtype=torch.float32, device=w.device)
-    for a in range(0, w.shape[0], rows):
-        part = w[a : a + rows].float()
-        scales[a : a + rows] = choose_scales(part, bits, group_size, clip_search)
-        q[a : a + rows] = quantize_weight(part, scales[a : a + rows], bits, group_size)
+    for rows in row_slices(*w.shape, GPTQ_CHUNK_ELEMENTS):
+        part = w[rows].float()
+        scales[rows] = choose_scales(part, bits, group_size, clip_search)
+        q[rows] = quantize_weight(part, scales[rows], bits, group_size)
     return q, scales
 
 
@@ -278,11 +277,10 @@ class FloatTargetFit:
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         """W* (float32, a new tensor) for ``w`` (out, in)."""
         out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-        rows = max(1, GPTQ_CHUNK_ELEMENTS // w.shape[1])
-        for a in range(0, w.shape[0], rows):
-            part = w[a : a + rows].float()
+        for rows in row_slices(*w.shape, GPTQ_CHUNK_ELEMENTS):
+            part = w[rows].float()
             delta = (part @ self.distortion).to(self.factor.dtype)
-            out[a : a + rows] = part + torch.cholesky_solve(delta.T, self.factor).T.float()  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
+            out[rows] = part + torch.cholesky_solve(delta.T, self.factor).T.float()  # H̃ symmetric: (H̃⁻¹ Δᵀ)ᵀ = Δ H̃⁻¹
         return out
 
 
@@ -357,9 +355,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _embed(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The embedding's output for ``windows`` (n, T): (n, T, dim), the start of a calibration stream."""
+    """The embedding's output for ``windows`` (n, T): (n, T, dim), the start of a calibration stream, written batch by
+    batch into one tensor (n x T x dim float32 is GiBs at GPTQ's default budget: never twice)."""
     embedding = model.get_submodule(architecture_of(model.config).embedding)
-    return torch.cat([embedding(windows[b : b + batch_size]) for b in range(0, len(windows), batch_size)])
+    first = embedding(windows[:batch_size])
+    stream = first.new_empty(windows.shape[0], *first.shape[1:])
+    stream[:batch_size] = first
+    for b in range(batch_size, windows.shape[0], batch_size):
+        stream[b : b + batch_size] = embedding(windows[b : b + batch_size])
+    return stream
 
 
 def _advance(layer: nn.Module, stream: torch.Tensor, pos_emb, batch_size: int) -> None:

@@ -122,6 +122,14 @@ def fake_quant_per_token_sym(x: torch.Tensor, bits: int, clip: float = 1.0) -> t
 FIXED_LINEAR_CHUNK_ELEMENTS = 1 << 25  # weight elements dequantized at a time (128 MiB of float32)
 
 
+def row_slices(n_rows: int, n_cols: int, elements: int) -> list[slice]:
+    """Slices covering ``range(n_rows)``, each of at most ``elements // n_cols`` rows (at least one): row-independent
+    work on a large matrix (a 128256-row embedding or output layer) done a chunk at a time keeps its temporaries at
+    a chunk's size."""
+    step = max(1, elements // max(1, n_cols))
+    return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
 class _FixedLinear(torch.autograd.Function):
     """``x @ (q * s)ᵀ`` with ``s = scales * exp(θ)``, the weight dequantized a chunk of rows at a time, in the forward
     and again in the backward (module-level :func:`fixed_linear`). Gradients: x and θ (the integers are fixed)."""
@@ -130,7 +138,7 @@ class _FixedLinear(torch.autograd.Function):
     def forward(ctx, x, q, scales, log_offset, group_size, bias):
         s = scales if log_offset is None else scales * log_offset.exp()
         out = x.new_empty(*x.shape[:-1], q.shape[0])
-        for rows in _row_chunks(q):
+        for rows in row_slices(*q.shape, FIXED_LINEAR_CHUNK_ELEMENTS):
             out[..., rows] = F.linear(x, dequantize_weight(q[rows], s[rows], group_size, x.dtype),
                                       None if bias is None else bias[rows])
         ctx.save_for_backward(x, q, s)
@@ -144,18 +152,13 @@ class _FixedLinear(torch.autograd.Function):
         xs = x.reshape(-1, x.shape[-1])
         grad_x = torch.zeros_like(xs) if ctx.needs_input_grad[0] else None
         grad_s = torch.zeros_like(s) if ctx.has_offset and ctx.needs_input_grad[3] else None
-        for rows in _row_chunks(q):
+        for rows in row_slices(*q.shape, FIXED_LINEAR_CHUNK_ELEMENTS):
             if grad_x is not None:
                 grad_x += g[:, rows] @ dequantize_weight(q[rows], s[rows], ctx.group_size, x.dtype)
             if grad_s is not None:  # dL/ds_rk = Σ_{c∈k} q_rc (gᵀx)_rc
                 grad_s[rows] = _grouped((g[:, rows].T @ xs) * q[rows].to(x.dtype), ctx.group_size).sum(-1).to(s.dtype)
         return (None if grad_x is None else grad_x.reshape(x.shape), None, None,
                 None if grad_s is None else grad_s * s, None, None)  # s = scales exp(θ): ds/dθ = s; no bias gradient
-
-
-def _row_chunks(q: torch.Tensor):
-    rows = max(1, FIXED_LINEAR_CHUNK_ELEMENTS // q.shape[1])
-    return [slice(a, a + rows) for a in range(0, q.shape[0], rows)]
 
 
 def fixed_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int | None,
@@ -165,7 +168,7 @@ def fixed_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_s
     the forward and again in the backward. Differentiable in ``x`` and ``log_offset`` (out, in/g): the scale tuning's
     parameters (the float ``bias`` gets no gradient). A weight of one chunk is exactly ``F.linear`` on the whole
     dequantized weight, under plain autograd."""
-    if len(_row_chunks(q)) == 1:
+    if len(row_slices(*q.shape, FIXED_LINEAR_CHUNK_ELEMENTS)) == 1:
         s = scales if log_offset is None else scales * log_offset.exp()
         return F.linear(x, dequantize_weight(q, s, group_size, x.dtype), bias)
     return _FixedLinear.apply(x, q, scales, log_offset, group_size, bias)

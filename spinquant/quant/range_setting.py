@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from spinquant.quant.primitives import _grouped, qrange, weight_absmax
+from spinquant.quant.primitives import _grouped, qrange, row_slices, weight_absmax
 
 
 @torch.no_grad()
@@ -27,10 +27,9 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int | None, grid: int 
     groups = wg.reshape(-1, wg.shape[-1])  # (n_groups, g)
     amax = absmax.reshape(-1)
     best_scale = torch.empty_like(amax)
-    rows = max(1, chunk_elements // groups.shape[1])
     ratios = [1.0 - (1.0 - min_ratio) * i / grid for i in range(grid + 1)]
-    for a in range(0, groups.shape[0], rows):
-        x, am = groups[a : a + rows], amax[a : a + rows]
+    for rows in row_slices(*groups.shape, chunk_elements):
+        x, am = groups[rows], amax[rows]
         best_err = torch.full_like(am, float("inf"))
         best = am / qmax
         buf = torch.empty_like(x)
@@ -42,7 +41,7 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int | None, grid: int 
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, s, best)
-        best_scale[a : a + rows] = best
+        best_scale[rows] = best
     return best_scale.reshape(absmax.shape)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from spinquant.quant.primitives import row_slices
+
 REFIT_RIDGE = 1e-4  # fraction of A's diagonal added to it (towards GPTQ's scales): conditioning only
 REFIT_CHUNK_ELEMENTS = 1 << 21  # rows x in float32 products per chunk (8 MiB: one group's product stays in cache)
 
@@ -67,13 +69,11 @@ def refit_group_scales(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, h
     n_g = in_f // g
     hf = h.float()
     out = scales.clone().float()
-    chunk = max(1, REFIT_CHUNK_ELEMENTS // in_f)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        qf = q[r0:r1].float()
-        s0 = scales[r0:r1].double()
-        b = (qf * (w[r0:r1].float() @ hf)).reshape(-1, n_g, g).sum(-1).double()  # (rows, G)
-        a = group_normal_matrices(q[r0:r1], hf, g).double()  # (rows, G, G)
+    for r in row_slices(rows, in_f, REFIT_CHUNK_ELEMENTS):
+        qf = q[r].float()
+        s0 = scales[r].double()
+        b = (qf * (w[r].float() @ hf)).reshape(-1, n_g, g).sum(-1).double()  # (rows, G)
+        a = group_normal_matrices(q[r], hf, g).double()  # (rows, G, G)
         diag = torch.diagonal(a, dim1=1, dim2=2)
         empty = diag <= 0  # all-zero integers (or dead inputs): the scale does not matter, keep it
         reg = ridge * diag + empty.double()
@@ -82,5 +82,5 @@ def refit_group_scales(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, h
         s = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
         bad = ~(s > 0).all(dim=1)
         s[bad] = s0[bad]
-        out[r0:r1] = s.float()
+        out[r] = s.float()
     return out.to(scales.device)
