@@ -36,6 +36,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from spinquant.preflight import parameter_count  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -269,22 +272,12 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def fixed_learning_gib(params: int, cfg: dict) -> tuple[float, float, float]:
+def fixed_learning_gib(untied: int, vocab_dim: int) -> tuple[float, float, float]:
     """(all, float32 weights, rotated linears + their gradients) in GiB: the learning memory that does not grow with the
-    tokens, for a model of ``params`` parameters (tied as in ``cfg``); see :func:`learn_projection`."""
-    vocab_dim = cfg.get("vocab_size", 128256) * cfg["hidden_size"]
-    untied = params + (vocab_dim if cfg.get("tie_word_embeddings", True) else 0)
+    tokens, for a model of ``untied`` parameters (embedding and output layer counted apart) whose embedding has
+    ``vocab_dim`` of them; see :func:`learn_projection`."""
     linear = untied - vocab_dim  # every linear incl. lm_head: all but the embedding
     return (untied + 2 * linear) * 4 / GIB, untied * 4 / GIB, 2 * linear * 4 / GIB
-
-
-def shape_parameters(shape: str) -> int:
-    """Parameters of a SHAPES entry as Llama computes them (embedding once when tied)."""
-    c, vocab = SHAPES[shape], 128256
-    hd, h = c["head_dim"], c["hidden_size"]
-    attn = h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
-    per_layer = attn + 3 * h * c["intermediate_size"] + 2 * h
-    return vocab * h * (1 if c.get("tie_word_embeddings", True) else 2) + c["num_hidden_layers"] * per_layer + h
 
 
 def learn_projection(r: dict, seqlen: int) -> str:
@@ -300,7 +293,9 @@ def learn_projection(r: dict, seqlen: int) -> str:
     their fixed part from their parameter counts, the activations scaled by hidden size x layers (an estimate).
     """
     cfg = r["model"].get("config") or {}
-    fixed, weights, rotated = fixed_learning_gib(r["model"]["parameters"], cfg)
+    vocab_dim = cfg.get("vocab_size", 128256) * cfg["hidden_size"]
+    untied = r["model"]["parameters"] + (vocab_dim if cfg.get("tie_word_embeddings", True) else 0)
+    fixed, weights, rotated = fixed_learning_gib(untied, vocab_dim)
     act = max(max(r["peak_rss_gib"].values()) - fixed, 0.0) * 2048 / seqlen
     lines = [f"Projection to 8 x 2048 (micro-batch 1 x 2048) on a GPU: fixed {fixed:.1f} GiB (float32 weights "
              f"{weights:.1f} GiB + rotated linears and their gradients {rotated:.1f} GiB) + activations {act:.1f} GiB "
@@ -310,7 +305,7 @@ def learn_projection(r: dict, seqlen: int) -> str:
     for shape, c in SHAPES.items():
         if shape == "small" or c["hidden_size"] == cfg["hidden_size"]:
             continue
-        f, _, _ = fixed_learning_gib(shape_parameters(shape), {"vocab_size": 128256, **c})
+        f, _, _ = fixed_learning_gib(parameter_count(LlamaConfig(vocab_size=128256, **c)), 128256 * c["hidden_size"])
         a = act * c["hidden_size"] * c["num_hidden_layers"] / depth
         lines.append(f"Estimated from it for {shape}: fixed {f:.1f} GiB + activations {a:.1f} GiB = {f + a:.1f} GiB.")
     return " ".join(lines)
