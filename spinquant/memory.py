@@ -1,26 +1,63 @@
-"""Handing freed memory back to the operating system between stages (1B/3B models on a small machine)."""
+"""Handing freed memory back to the operating system (1B/3B models on a small machine).
+
+glibc keeps the pages of freed allocations under its mmap threshold (which grows up to 32 MiB: a 1B model's q_proj
+is 16 MiB) in the process's heap, and a heap fragmented by a stage's many same-sized temporaries keeps growing: the
+scale tuning's live tensors stay at the same size through a step while the resident set of a 1B model grew by GiBs
+(benchmarks/RESULTS.md, table 15). ``malloc_trim(0)`` returns every free page, from the heap's middle too.
+Written by hand because neither torch nor the standard library exposes it.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+
+from torch import nn
 
 
-def release_memory() -> None:
-    """Collect garbage, then ask glibc to return its free heap pages (``malloc_trim(0)``).
-
-    Tensors under glibc's mmap threshold (up to 32 MiB: a 1B model's q_proj is 16 MiB) live on the heap; once a
-    stage frees a whole model those pages stay in the process's resident set until trimmed, and the next stage
-    (or executorch's exporter, a child process) pays for them twice. A no-op where there is no glibc.
-    """
-    gc.collect()
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is no glibc (macOS, musl)."""
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
         trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        return
+        return None
     trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    return trim
+
+
+def trim_heap() -> None:
+    """Return glibc's free heap pages to the system (a no-op without glibc). Cheap: no garbage collection."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def release_memory() -> None:
+    """Collect garbage, then :func:`trim_heap`: between stages, once a stage has freed a whole model (whose pages
+    would otherwise stay resident, and the next stage, or executorch's exporter in a child process, pay twice)."""
+    gc.collect()
+    trim_heap()
+
+
+@contextmanager
+def heap_trimmed_before(modules: Iterable[nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Within the block, :func:`trim_heap` before every forward of each of ``modules`` (pre-hooks, removed on exit).
+
+    Given each decoder layer's linears, a training step's resident set then holds its live tensors and one part of
+    a layer's temporaries, not a heap grown by every layer's. The hooks also fire when activation checkpointing
+    recomputes a layer in the backward (they sit inside the checkpointed layer). ``enabled=False`` (a GPU run,
+    whose temporaries are not on this heap): nothing is installed."""
+    handles = [m.register_forward_pre_hook(lambda *_: trim_heap()) for m in modules] if enabled else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

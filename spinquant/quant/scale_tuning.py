@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from spinquant.architectures import architecture_of
 from spinquant.kl_loss import chunked_kl, layer_checkpointing
+from spinquant.memory import heap_trimmed_before
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import DEFAULT_TUNE_LR
 
@@ -133,14 +134,20 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
     losses: list[float] = []
     t0 = time.perf_counter()
     finished = False
+    # trimmed where a layer's attention and MLP start (their first linears read a norm's output): the heap then holds
+    # one half-layer's temporaries (trimming before every input group: 0.4 GiB less, 13% slower, at 1B)
+    norm_readers = [lin.name for lin in arch.linears if lin.norm is not None]
+    trim_points = [layer.get_submodule(group[0]) for layer in arch.decoder_layers(model) for group in arch.groups
+                   if group[0] in norm_readers]
     try:
-        for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
-            ids = windows[step : step + 1].to(device)
-            with torch.no_grad():
-                teacher_hidden = teacher_hidden_of(ids)[:, :-1]
-            hidden = model.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
-            loss = chunked_kl(model.get_submodule(arch.head), teacher_head, hidden, teacher_hidden, amp) / hidden.shape[1]
-            losses.append(descend(opt, sched, loss))
+        with heap_trimmed_before(trim_points, enabled=device.type == "cpu"):  # CPU: the heap at one part's size
+            for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
+                ids = windows[step : step + 1].to(device)
+                with torch.no_grad():
+                    teacher_hidden = teacher_hidden_of(ids)[:, :-1]
+                hidden = model.get_submodule(arch.backbone)(ids, use_cache=False).last_hidden_state[:, :-1]
+                loss = chunked_kl(model.get_submodule(arch.head), teacher_head, hidden, teacher_hidden, amp) / hidden.shape[1]
+                losses.append(descend(opt, sched, loss))
         finished = True
     finally:  # a failed run leaves the scales as they were
         end_log_offsets(linears, bake=finished)
