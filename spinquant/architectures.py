@@ -120,6 +120,12 @@ class Architecture:
     def block_linears(self) -> tuple[str, ...]:
         return tuple(lin.name for lin in self.linears)
 
+    def sublayer_starts(self) -> tuple[str, ...]:
+        """The first linear of each group that reads a norm's output: where a decoder layer's attention and its MLP
+        begin (Llama: q_proj, gate_proj)."""
+        readers = {lin.name for lin in self.linears if lin.norm is not None}
+        return tuple(group[0] for group in self.groups if group[0] in readers)
+
 
 LLAMA = Architecture(
     model_type="llama",

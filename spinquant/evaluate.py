@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spinquant.architectures import architecture_of
 from spinquant.data import load_rows, rows_to_texts, tokenize_stream
 from spinquant.errors import SpinQuantError
+from spinquant.memory import heap_trimmed_before, trimming_pays
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,11 +49,17 @@ def check_seqlen(seqlen: int, max_positions: int | None) -> None:
 
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Wrap a transformers causal LM as a LogitsFn (no KV cache, its own device)."""
+    """Wrap a transformers causal LM as a LogitsFn (no KV cache, its own device). A large model on the CPU has the
+    heap trimmed where each decoder layer's attention and MLP start (spinquant.memory): a quantized model's forward
+    dequantizes its weights a linear at a time, and glibc would otherwise keep those pages."""
     device = next(model.parameters()).device
+    arch = architecture_of(model.config)
+    starts = [layer.get_submodule(name) for layer in arch.decoder_layers(model) for name in arch.sublayer_starts()]
+    trim = trimming_pays(model)
 
     def run(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(device), use_cache=False).logits
+        with heap_trimmed_before(starts, enabled=trim):
+            return model(ids.to(device), use_cache=False).logits
 
     return run
 

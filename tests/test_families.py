@@ -85,6 +85,24 @@ def test_learners_rotated_weights_equal_fusion(family):
         assert torch.allclose(v, want[k], atol=1e-12), k
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sublayer_starts_are_the_linears_run_first_after_each_folded_norm(family):
+    """Where the CPU tuning trims its heap: the attention's and the MLP's first linear, in the family's own forward."""
+    model = make_tiny_family_model(family)
+    arch = architecture_of(model.config)
+    layer = arch.decoder_layers(model)[0]
+    norms = {lin.norm for lin in arch.linears if lin.norm is not None}
+    calls = []
+    for name in arch.block_linears():
+        layer.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+    for name in norms:
+        layer.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (1, 8)))
+    after_norms = tuple(calls[i + 1] for i, c in enumerate(calls) if c in norms)
+    assert len(after_norms) == 2 and arch.sublayer_starts() == after_norms
+
+
 def test_learned_rotations_on_qwen2_resume_and_keep_the_function(family_dirs, tmp_path):
     """Learning on a family with biases: a run killed half way resumes to the same rotations, which stay exact."""
     def learn(out, stop_after=None):

@@ -13,6 +13,7 @@ from spinquant.cli import cli
 from spinquant.architectures import architecture_of
 from spinquant.experimental.norm_tuning import tune_scales_and_norms
 from spinquant.fusion import Rotations, fuse_and_rotate
+from spinquant.evaluate import hf_logits_fn
 from spinquant.formats import load_model
 from spinquant.formats.hf import untie_embeddings
 from spinquant.quant import scale_tuning
@@ -117,6 +118,46 @@ def test_failed_scale_tuning_leaves_the_scales_as_they_were(tiny_model, monkeypa
         assert torch.equal(lin.scales, before[name]) and lin.scale_log_offset is None, name
     for name, norm in architecture_of(model.config).norms(model):
         assert type(norm).__name__ == "LlamaRMSNorm" and torch.equal(norm.weight, norms_before[name]), name
+
+
+def test_cpu_tuning_trims_the_heap_at_each_layers_attention_and_mlp_also_in_the_recompute(tiny_model, monkeypatch):
+    from spinquant import memory
+
+    trims = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
+    model = _rtn_model(tiny_model)
+    assert not memory.trimming_pays(model)  # a small model is not trimmed (it would only cost time) ...
+    tune_scales(model, tiny_model, _windows(tiny_model, 1, 5), ScaleTuningConfig(steps=1, lr=1e-2), progress=False)
+    assert trims == []
+    monkeypatch.setattr(memory, "TRIM_FROM_BYTES", 0)  # ... a large one is
+    assert memory.trimming_pays(model) and not memory.trimming_pays(copy.deepcopy(model).to("meta"))
+    model = _rtn_model(tiny_model)
+    reference = copy.deepcopy(model)
+    windows = _windows(tiny_model, 3, 2)
+    tune_scales(model, tiny_model, windows, ScaleTuningConfig(steps=3, lr=1e-2), progress=False)
+    n_layers = len(architecture_of(model.config).decoder_layers(model))
+    assert len(trims) == 3 * n_layers * 2 * 2  # steps x layers x (attention, MLP) x (forward, checkpointed recompute)
+    model(windows[:1])
+    assert len(trims) == 3 * n_layers * 4  # the hooks are gone after the tuning
+    with memory.heap_trimmed_before([reference], enabled=False):  # a GPU run installs nothing
+        reference(windows[:1])
+    assert len(trims) == 3 * n_layers * 4
+
+
+def test_evaluation_forwards_of_a_large_model_trim_the_real_heap_and_change_no_result(tiny_model, monkeypatch):
+    from spinquant import memory
+
+    windows = _windows(tiny_model, 1, 3)
+    model = _rtn_model(tiny_model)
+    plain = hf_logits_fn(model)(windows)
+    monkeypatch.setattr(memory, "TRIM_FROM_BYTES", 0)
+    trims = []
+    real = memory.trim_heap
+    monkeypatch.setattr(memory, "trim_heap", lambda: (trims.append(1), real()))  # glibc's malloc_trim runs
+    with torch.no_grad():
+        trimmed = hf_logits_fn(model)(windows)
+    assert len(trims) == 2 * len(architecture_of(model.config).decoder_layers(model))
+    assert torch.equal(plain, trimmed)
 
 
 def test_scale_tuning_refuses_bad_input(tiny_model):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from spinquant.architectures import architecture_of
 from spinquant.kl_loss import chunked_kl, layer_checkpointing
-from spinquant.memory import heap_trimmed_before
+from spinquant.memory import heap_trimmed_before, trimming_pays
 from spinquant.quant.fake_quant import QuantLinear, quant_linears
 from spinquant.quant.scheme import DEFAULT_TUNE_LR
 
@@ -134,13 +134,11 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
     losses: list[float] = []
     t0 = time.perf_counter()
     finished = False
-    # trimmed where a layer's attention and MLP start (their first linears read a norm's output): the heap then holds
-    # one half-layer's temporaries (trimming before every input group: 0.4 GiB less, 13% slower, at 1B)
-    norm_readers = [lin.name for lin in arch.linears if lin.norm is not None]
-    trim_points = [layer.get_submodule(group[0]) for layer in arch.decoder_layers(model) for group in arch.groups
-                   if group[0] in norm_readers]
+    # a large model on the CPU: the heap trimmed where each layer's attention and MLP start, so that it holds one
+    # half-layer's temporaries (trimming before every input group: 0.4 GiB less, 13% slower, at 1B)
+    trim_points = [layer.get_submodule(name) for layer in arch.decoder_layers(model) for name in arch.sublayer_starts()]
     try:
-        with heap_trimmed_before(trim_points, enabled=device.type == "cpu"):  # CPU: the heap at one part's size
+        with heap_trimmed_before(trim_points, enabled=trimming_pays(model)):
             for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
                 ids = windows[step : step + 1].to(device)
                 with torch.no_grad():
