@@ -50,6 +50,7 @@ from spinquant.errors import SpinQuantError
 from spinquant.formats.rbin import save_rbin
 from spinquant.fusion import ORTHOGONALITY_TOL, Rotations, apply_rotations, fuse_norms, orthogonality_error, per_head_scales
 from spinquant.kl_loss import chunk_ce, chunk_kl, layer_checkpointing
+from spinquant.memory import heap_trimmed_before, trimming_pays
 from spinquant.quant.fake_quant import make_fake_quant
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
@@ -258,6 +259,9 @@ class RotationLearner:
         self.embedding = params[f"{arch.embedding}.weight"].detach()
         modules = dict(model.named_modules())
         self.linears = {n: modules[n.rsplit(".", 1)[0]] for n in names}
+        # a large model on the CPU: glibc's heap trimmed where each layer's attention and MLP start (spinquant.memory)
+        self.trim_points = [layer.get_submodule(n) for layer in arch.decoder_layers(model) for n in arch.sublayer_starts()]
+        self.trim = trimming_pays(self.model)
         start = hadamard_start(config, cfg.seed)
         r1, r2 = start.r1.float(), torch.stack(start.r2).float()
         manifold = geoopt.CanonicalStiefel()
@@ -414,12 +418,13 @@ class RotationLearner:
         total = 0.0
         try:
             micro = [batch[i : i + cfg.micro_batch] for i in range(0, batch.shape[0], cfg.micro_batch)]
-            for k, ids in enumerate(micro):
-                if k % self.world != self.rank:
-                    continue
-                loss = self._micro_loss(r1_leaf, ids.to(self.device)) * (ids.shape[0] / batch.shape[0])
-                loss.backward()
-                total += loss.item()
+            with heap_trimmed_before(self.trim_points, enabled=self.trim):
+                for k, ids in enumerate(micro):
+                    if k % self.world != self.rank:
+                        continue
+                    loss = self._micro_loss(r1_leaf, ids.to(self.device)) * (ids.shape[0] / batch.shape[0])
+                    loss.backward()
+                    total += loss.item()
         finally:
             self._uninstall(leaves)
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in rotated]

@@ -59,6 +59,28 @@ def test_gradients_equal_direct_autograd(tiny_model, monkeypatch):
     assert torch.allclose(g2.double(), r2.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_a_large_model_on_the_cpu_learns_with_the_heap_trimmed_and_the_same_gradients(tiny_model, monkeypatch):
+    from spinquant import memory
+
+    untie_embeddings(tiny_model)
+    windows = torch.randint(0, tiny_model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    cfg = LearnConfig(steps=1, batch_size=4, micro_batch=2, a_bits=4, grad_checkpoint=True)
+    grads, trims = [], []
+    real = memory.trim_heap
+    monkeypatch.setattr(memory, "trim_heap", lambda: (trims.append(1), real())[1])
+    for threshold in (memory.TRIM_FROM_BYTES, 0):  # a small model is not trimmed; as a large one it is
+        monkeypatch.setattr(memory, "TRIM_FROM_BYTES", threshold)
+        learner = RotationLearner(prepare_model(copy.deepcopy(tiny_model), cfg), windows, cfg, torch.device("cpu"),
+                                  progress=False)
+        learner.accumulate_gradients(windows)
+        grads.append((learner.r1.grad.clone(), learner.r2.grad.clone()))
+        if threshold:
+            assert trims == []
+    # 2 micro-batches x layers x (attention, MLP) x (forward, checkpointed recompute)
+    assert len(trims) == 2 * tiny_model.config.num_hidden_layers * 2 * 2
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_kl_loss_in_position_chunks_equals_whole(tiny_model, monkeypatch):
     import spinquant.rotation as rotation
 
