@@ -2,8 +2,8 @@
 
 glibc keeps the pages of freed allocations under its mmap threshold (which grows up to 32 MiB: a 1B model's q_proj
 is 16 MiB) in the process's heap, and a heap fragmented by a stage's many same-sized temporaries keeps growing: the
-scale tuning's live tensors stay at the same size through a step while the resident set of a 1B model grew by GiBs
-(benchmarks/RESULTS.md, table 15). ``malloc_trim(0)`` returns every free page, from the heap's middle too.
+scale tuning's live tensors stay at the same size through a step while the resident set grows with every layer
+(benchmarks/RESULTS.md, table 16). ``malloc_trim(0)`` returns every free page, from the heap's middle too.
 Written by hand because neither torch nor the standard library exposes it.
 """
 
@@ -53,7 +53,7 @@ TRIM_FROM_BYTES = 1 << 30  # trimming during a forward pays from this many bytes
 def trimming_pays(model: nn.Module) -> bool:
     """Whether to trim during ``model``'s forwards: on the CPU, from :data:`TRIM_FROM_BYTES` of parameters and buffers.
     Each trim makes the next temporaries fault their pages in again; at real sizes that costs little against the
-    GiBs it keeps, on a small model it is time for nothing (a float SmolLM2-135M forward ran 20% slower)."""
+    GiBs it keeps, on a small model it is time for nothing (measured: benchmarks/RESULTS.md, table 16)."""
     tensors = [*model.parameters(), *model.buffers()]
     return bool(tensors) and tensors[0].device.type == "cpu" and sum(t.nbytes for t in tensors) >= TRIM_FROM_BYTES
 

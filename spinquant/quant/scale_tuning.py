@@ -135,7 +135,7 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
     t0 = time.perf_counter()
     finished = False
     # a large model on the CPU: the heap trimmed where each layer's attention and MLP start, so that it holds one
-    # half-layer's temporaries (trimming before every input group: 0.4 GiB less, 13% slower, at 1B)
+    # half-layer's temporaries (the placements measured: benchmarks/RESULTS.md, table 16)
     trim_points = [layer.get_submodule(name) for layer in arch.decoder_layers(model) for name in arch.sublayer_starts()]
     try:
         with heap_trimmed_before(trim_points, enabled=trimming_pays(model)):
