@@ -126,6 +126,11 @@ class Architecture:
         readers = {lin.name for lin in self.linears if lin.norm is not None}
         return tuple(group[0] for group in self.groups if group[0] in readers)
 
+    def sublayer_start_modules(self, model) -> list[Any]:
+        """The :meth:`sublayer_starts` modules of every decoder layer of ``model``, layer by layer (where the CPU
+        forwards trim glibc's heap: spinquant.memory.heap_trimmed_before)."""
+        return [layer.get_submodule(name) for layer in self.decoder_layers(model) for name in self.sublayer_starts()]
+
 
 LLAMA = Architecture(
     model_type="llama",

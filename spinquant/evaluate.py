@@ -53,9 +53,8 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
     heap trimmed where each decoder layer's attention and MLP start (spinquant.memory): a quantized model's forward
     dequantizes its weights a linear at a time, and glibc would otherwise keep those pages."""
     device = next(model.parameters()).device
-    arch = architecture_of(model.config)
-    starts = [layer.get_submodule(name) for layer in arch.decoder_layers(model) for name in arch.sublayer_starts()]
     trim = trimming_pays(model)
+    starts = architecture_of(model.config).sublayer_start_modules(model) if trim else []
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         with heap_trimmed_before(starts, enabled=trim):

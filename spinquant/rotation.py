@@ -260,7 +260,7 @@ class RotationLearner:
         modules = dict(model.named_modules())
         self.linears = {n: modules[n.rsplit(".", 1)[0]] for n in names}
         # a large model on the CPU: glibc's heap trimmed where each layer's attention and MLP start (spinquant.memory)
-        self.trim_points = [layer.get_submodule(n) for layer in arch.decoder_layers(model) for n in arch.sublayer_starts()]
+        self.trim_points = arch.sublayer_start_modules(model)
         self.trim = trimming_pays(self.model)
         start = hadamard_start(config, cfg.seed)
         r1, r2 = start.r1.float(), torch.stack(start.r2).float()

@@ -136,9 +136,8 @@ def tune_scales(model: nn.Module, teacher, windows: torch.Tensor, cfg: ScaleTuni
     finished = False
     # a large model on the CPU: the heap trimmed where each layer's attention and MLP start, so that it holds one
     # half-layer's temporaries (the placements measured: benchmarks/RESULTS.md, table 16)
-    trim_points = [layer.get_submodule(name) for layer in arch.decoder_layers(model) for name in arch.sublayer_starts()]
     try:
-        with heap_trimmed_before(trim_points, enabled=trimming_pays(model)):
+        with heap_trimmed_before(arch.sublayer_start_modules(model), enabled=trimming_pays(model)):
             for step in tqdm(range(cfg.steps), desc="tune scales", unit="step", disable=not progress):
                 ids = windows[step : step + 1].to(device)
                 with torch.no_grad():
