@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
 from torchao.quantization.utils import per_token_dynamic_quant
 
-from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym, fake_quant_weight,
+from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, pack_int4, unpack_int4, fake_quant_per_token_asym, fake_quant_weight,
                                         fake_quant_weight_given_integers,
                                         quantize_weight, weight_scales)
 from spinquant.quant.range_setting import search_scales
@@ -166,3 +166,17 @@ def test_fixed_linear_in_row_chunks_equals_the_whole_weight(monkeypatch, group_s
     assert rel(x.grad, gx) < 1e-5 and rel(theta.grad, gt) < 1e-5
     with torch.no_grad():
         torch.testing.assert_close(fixed_linear(x, q, scales, group_size), F.linear(x, dequantize_weight(q, scales, group_size)))
+
+
+def test_int4_packing_is_lossless_and_half_a_byte():
+    """Every int4 value in every nibble position survives pack -> unpack; the packed tensor is half the int8 size."""
+    q = torch.tensor([[a, b] for a in range(-8, 8) for b in range(-8, 8)], dtype=torch.int8).reshape(16, 32)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 16)
+    assert torch.equal(unpack_int4(packed), q)
+    assert packed[0, 0].item() == 0x88  # (-8, -8): two's complement nibbles 1000, low nibble = column 0
+    assert pack_int4(torch.tensor([[1, -1]], dtype=torch.int8))[0, 0].item() == 0xF1
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+    with pytest.raises(ValueError, match="even number of columns"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))

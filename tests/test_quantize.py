@@ -210,9 +210,12 @@ def test_fixed_layers_hold_integers_only_and_forward_is_unchanged(tiny_model):
     lin = model.model.layers[0].self_attn.q_proj
     expected = torch.nn.functional.linear(lin.quantize_input(x), dequantize_weight(lin.qweight, lin.scales, 32))
     assert torch.equal(lin(x), expected)
-    linear_params = sum(m.in_features * m.out_features for _, m in quant_linears(model))
-    held = sum(t.numel() * t.element_size() for _, m in quant_linears(model) for t in (m.qweight, m.scales))
-    assert held < 1.2 * linear_params  # int8 + group scales, not 4 bytes a weight
+    blocks = [m for n, m in quant_linears(model) if n != "lm_head"]
+    held = sum(t.numel() * t.element_size() for m in blocks for t in (m.qweight_storage, m.scales))
+    assert held == sum(m.in_features * m.out_features * (1 / 2 + 4 / 32) for m in blocks)  # int4 two a byte + group scales
+    packed = lin.qweight_storage
+    assert packed.dtype == torch.uint8 and packed.shape == (lin.out_features, lin.in_features // 2)
+    assert model.lm_head.qweight_storage.dtype == torch.int8  # 8-bit: one a byte
 
 
 def test_gptq_in_row_chunks_equals_whole(tiny_model, monkeypatch):

@@ -118,14 +118,19 @@ def _captured_layer_inputs(model, windows, tokens):
     return [torch.cat(captured[i]) for i in sorted(captured)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "llama-tied-bf16", "qwen3", "phi3"])
 def test_float_reference_equals_whole_model(tmp_path, family):
     torch.manual_seed(0)
-    model = make_tiny_model() if family == "llama" else make_tiny_family_model(family)
+    model = make_tiny_family_model(family) if family in ("qwen3", "phi3") else make_tiny_model()  # tied
+    if family == "llama-tied-bf16":
+        model = model.to(torch.bfloat16)
     src = _save(model, tmp_path / family)
     windows = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
     whole = load_model(src, untie=False)
-    for reference in (FloatReference.build(str(src), windows, probe=(2, 24)),  # streamed from the shards
+    streamed = FloatReference.build(str(src), windows, probe=(2, 24))
+    # the streamed reference keeps the output layer as the checkpoint stores it (computed in float32)
+    assert streamed.head.weight.dtype == (torch.bfloat16 if family == "llama-tied-bf16" else torch.float32)
+    for reference in (streamed,  # streamed from the shards
                       FloatReference(whole, windows, probe=(2, 24))):  # from a model in memory
         with torch.no_grad():
             for w in windows:
@@ -135,6 +140,23 @@ def test_float_reference_equals_whole_model(tmp_path, family):
         assert all(torch.equal(a, b) for a, b in zip(reference.residuals, expected))
     with pytest.raises(RuntimeError, match="not built for"):
         reference(windows[:1, :20])
+
+
+def test_stored_precision_linear_in_chunks(monkeypatch):
+    """A bf16 linear computed a few output rows at a time gives the float32 linear's outputs, without a whole float32
+    copy of its weight."""
+    import spinquant.streaming as streaming
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1000, bias=True).to(torch.bfloat16)
+    layer = streaming.StoredPrecisionLinear(linear)
+    monkeypatch.setattr(streaming, "FIXED_LINEAR_CHUNK_ELEMENTS", 64 * 300)  # 4 chunks of at most 300 rows
+    x = torch.randn(2, 7, 64)
+    want = torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float())
+    got = layer(x)
+    assert got.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[..., :300], torch.zeros_like(got[..., :300])) and got[..., 900:].abs().sum() > 0
 
 
 def test_rotated_residual_statistics_from_the_float_stream(tmp_path):

@@ -76,10 +76,10 @@ class LayeredCheckpoint:
         check_weight_shapes(shapes, checkpoint.config, str(folder))
         return checkpoint
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` in float32 (floating ones; others as stored), each checked finite. A tensor is read
-        and converted READ_ROWS_ELEMENTS at a time into its float32 result, so reading a 128256-row bf16 embedding
-        holds no whole-size bf16 copy (or NaN mask) beside it."""
+    def read(self, names: list[str], keep_dtype: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` in float32 (floating ones; others as stored; all as stored with ``keep_dtype``), each
+        checked finite. A tensor is read and converted READ_ROWS_ELEMENTS at a time into its result, so reading a
+        128256-row bf16 embedding holds no whole-size bf16 copy (or NaN mask) beside it."""
         missing = [n for n in names if n not in self.shard_of]
         if missing:
             raise SpinQuantError(f"{self.folder}: the weights lack {', '.join(missing[:3])}: the model is incomplete "
@@ -93,11 +93,11 @@ class LayeredCheckpoint:
                     rows = max(1, READ_ROWS_ELEMENTS // max(1, math.prod(shape[1:]))) if shape else 1
                     if not shape or shape[0] <= rows:
                         t = st.get_tensor(name)
-                        out[name] = t.float() if t.is_floating_point() else t
+                        out[name] = t.float() if t.is_floating_point() and not keep_dtype else t
                         check_finite([(name, out[name])], str(self.folder))
                         continue
                     first = part[0:rows]
-                    dtype = torch.float32 if first.is_floating_point() else first.dtype
+                    dtype = torch.float32 if first.is_floating_point() and not keep_dtype else first.dtype
                     t = torch.empty(shape, dtype=dtype)
                     for a in range(0, shape[0], rows):
                         chunk = first if a == 0 else part[a : a + rows]
@@ -135,14 +135,15 @@ class LayeredCheckpoint:
         _assign(layer, {n: state[prefix + n] for n in names}, f"{self.folder} layer {i}")
         return layer
 
-    def load_head(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Read the output layer into ``model`` (a tied model's: a copy of the embedding as stored); returns it."""
+    def load_head(self, model: torch.nn.Module, keep_dtype: bool = False) -> torch.nn.Module:
+        """Read the output layer into ``model`` (a tied model's: a copy of the embedding as stored); returns it, in
+        float32 or, with ``keep_dtype``, in the dtype the checkpoint stores (bf16: half the memory)."""
         arch = self.arch
         head = model.get_submodule(arch.head)
         names = [n for n, _ in head.named_parameters()]
         stored = f"{arch.head}.weight" in self.shard_of and not getattr(self.config, "tie_word_embeddings", False)
         source = arch.head if stored else arch.embedding
-        state = self.read([f"{source}.{n}" for n in names])
+        state = self.read([f"{source}.{n}" for n in names], keep_dtype)
         _assign(head, {n: state[f"{source}.{n}"] for n in names}, f"{self.folder} {arch.head}")
         return head
 

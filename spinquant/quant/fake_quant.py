@@ -26,7 +26,7 @@ from spinquant.architectures import architecture_of
 from spinquant.hadamard import HadamardInputLinear, OnlineHadamard, apply_hadamard
 from spinquant.quant.primitives import (EPS_8DA4W, EPS_8DA8W, dequantize_weight, fake_quant_per_token_asym,
                                         fake_quant_per_token_sym, fake_quant_weight, fake_quant_weight_given_integers,
-                                        fixed_linear)
+                                        fixed_linear, pack_int4, unpack_int4)
 from spinquant.quant.scheme import FLOAT, QuantScheme
 
 ATTN_IMPL = "spinquant_sdpa"
@@ -37,9 +37,11 @@ class QuantLinear(nn.Module):
 
     weight_mode: 'float' (W as is), 'dynamic' (W fake-quantized round-to-nearest on every forward, with
     STE: for learning rotations against a quantized-weight loss), 'fixed' (W = q * scales, integers set
-    by range setting / GPTQ and kept in the ``qweight`` / ``scales`` buffers for export). A fixed layer
-    holds no float weight (``weight`` is None): the forward dequantizes ``q * scales`` when it runs, so a
-    quantized 1B model takes its int8 size in memory, not its float32 size (bit-identical to storing it).
+    by range setting / GPTQ, read as ``qweight`` (int8, (out, in)) with the ``scales`` buffer for export). A fixed
+    layer holds no float weight (``weight`` is None): the forward dequantizes ``q * scales`` when it runs, and the
+    integers are kept packed, two 4-bit ones a byte (``qweight_storage`` uint8 (out, in / 2); int8 (out, in) for
+    wider ones), so a quantized 3B model takes half a byte a 4-bit weight in memory, not its float32 size
+    (bit-identical to storing the float product: the packing is lossless).
     ``observer``, when set, is called with the exact input of the matmul (for GPTQ Hessians).
     ``weight_override`` (and ``bias_override``), when set, replace ``weight`` (``bias``) in the forward (rotation
     learning feeds the rotated weights this way, so gradient-checkpoint recomputation sees the same tensors).
@@ -59,13 +61,19 @@ class QuantLinear(nn.Module):
         self.a_bits, self.a_symmetric, self.a_eps, self.a_clip = a_bits, a_symmetric, a_eps, a_clip
         self.input_rotation = input_rotation
         self.weight_mode = "float"
-        self.register_buffer("qweight", None)
+        self.register_buffer("qweight_storage", None)
         self.register_buffer("scales", None)
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.weight_override: torch.Tensor | None = None
         self.bias_override: torch.Tensor | None = None
         self.weight_integers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scale_log_offset: torch.Tensor | None = None
+
+    @property
+    def qweight(self) -> torch.Tensor | None:
+        """A fixed layer's integers, int8 (out, in) (unpacked from ``qweight_storage`` when packed); None before."""
+        stored = self.qweight_storage
+        return stored if stored is None or stored.dtype == torch.int8 else unpack_int4(stored)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
@@ -103,7 +111,8 @@ class QuantLinear(nn.Module):
         """Fix the weight to integers ``q`` (int8, (out, in)) times per-group ``scales`` (float32, (out, in/g)).
 
         The float weight is released (``weight`` becomes None; see the class docstring)."""
-        self.qweight = q.to(torch.int8)
+        q = q.to(torch.int8)
+        self.qweight_storage = pack_int4(q) if self.w_bits <= 4 and q.shape[-1] % 2 == 0 else q
         self.scales = scales.to(torch.float32)
         self.weight = None
         self.weight_mode = "fixed"

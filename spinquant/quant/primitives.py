@@ -70,6 +70,25 @@ def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size
     return q.reshape(w.shape).to(torch.int8)
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit integers a byte: q int8 (..., n) in [-8, 7], n even -> uint8 (..., n / 2), column 2j in the
+    low nibble and 2j+1 in the high one (two's complement). Lossless (:func:`unpack_int4` inverts it); a 4-bit model
+    then holds half a byte a weight in memory. (torchao's nibble packers are unsigned and in prototype modules.)"""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError(f"int4 packing needs integers in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+    u = q.to(torch.int8).view(torch.uint8) & 0xF
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 integers (..., 2 m) of :func:`pack_int4`'s uint8 (..., m): arithmetic shifts sign-extend each nibble."""
+    low = (packed << 4).view(torch.int8) >> 4
+    high = packed.view(torch.int8) >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int | None, dtype=torch.float32) -> torch.Tensor:
     """q * s per group, in ``dtype`` (torchao's dequantize_affine with zero point 0)."""
     qg = _grouped(q.to(dtype), group_size)
