@@ -177,12 +177,14 @@ def test_rotated_residual_statistics_from_the_float_stream(tmp_path):
     assert got != residual_stats(reference.residuals)  # the rotation changes them
 
 
-def test_scale_tuning_with_the_streamed_teacher(tmp_path):
-    """tune_scales against the layer-streamed float reference gives the scales it gives against the whole float model."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_tuning_with_the_streamed_teacher(tmp_path, dtype):
+    """tune_scales against the layer-streamed float reference gives the scales it gives against the whole float model
+    (a bf16 checkpoint: the reference's output layer stays bf16, the whole model's is upcast on loading)."""
     from spinquant.quant.scale_tuning import ScaleTuningConfig, tune_scales
 
     torch.manual_seed(0)
-    src = _save(make_tiny_model(), tmp_path / "m")
+    src = _save(make_tiny_model().to(dtype), tmp_path / "m")
     windows = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(4))
     tuned = []
     for teacher in (load_model(src), FloatReference.build(str(src), windows)):
