@@ -61,9 +61,9 @@ class StoredPrecisionLinear(nn.Module):
     """A float linear kept in its checkpoint's dtype (bf16: half of float32's memory, 0.7 GiB less for a 3B model's
     128256-row output layer) and computed in the input's dtype: ``F.linear(x, W.to(x.dtype), b)``, the weight
     converted FIXED_LINEAR_CHUNK_ELEMENTS at a time, so no whole float32 copy exists. The values are those of the
-    float32 layer ``load_hf`` reads (bf16 -> float32 is exact); only the matmul is split by output rows, which
-    changes no element's reduction (measured bit-identical on this machine except for single-token inputs, where the
-    vector kernel differs in the last bits). ``weight`` (out, in), ``bias`` (out,) or None; no gradient."""
+    float32 layer ``load_hf`` reads (bf16 -> float32 is exact); only the matmul is split by output rows, which leaves
+    each element's reduction over the input as it is unless the kernel chosen for a chunk differs from the whole's
+    (single-token inputs: the last bits). ``weight`` (out, in), ``bias`` (out,) or None; no gradient."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
