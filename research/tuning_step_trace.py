@@ -43,7 +43,6 @@ phase = ["fwd"]; step = [0]
 for i, layer in enumerate(arch.decoder_layers(model)):
     layer.mlp.register_forward_pre_hook(lambda m, a, i=i: (label.__setitem__(0, f"s{step[0]} {phase[0]} layer{i:02d}"), live(i)) and None)
 model.get_submodule(arch.head).register_forward_pre_hook(lambda m, a: label.__setitem__(0, f"s{step[0]} {phase[0]} head"))
-orig = scale_tuning.descend
 def descend(opt, sched, loss):
     phase[0] = "bwd"; label[0] = f"s{step[0]} bwd start"
     opt.zero_grad(set_to_none=True); loss.backward()

@@ -9,7 +9,6 @@ run that loaded the whole model (tested); only the order in which layers are rea
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from spinquant.fusion import (Rotations, check_rotations, fuse_final_norm, fuse_
                               rotate_layer)
 from spinquant.memory import release_memory
 from spinquant.quant.apply import LayerPreparer
-from spinquant.quant.primitives import FIXED_LINEAR_CHUNK_ELEMENTS, row_slices
+from spinquant.quant.primitives import linear_by_rows
 
 
 class StreamedModel(LayerPreparer):
@@ -60,7 +59,7 @@ class StreamedModel(LayerPreparer):
 class StoredPrecisionLinear(nn.Module):
     """A float linear kept in its checkpoint's dtype (bf16: half of float32's memory, 0.7 GiB less for a 3B model's
     128256-row output layer) and computed in the input's dtype: ``F.linear(x, W.to(x.dtype), b)``, the weight
-    converted FIXED_LINEAR_CHUNK_ELEMENTS at a time, so no whole float32 copy exists. The values are those of the
+    converted a chunk of rows at a time (quant.primitives.linear_by_rows), so no whole float32 copy exists. The values are those of the
     float32 layer ``load_hf`` reads (bf16 -> float32 is exact); only the matmul is split by output rows, which leaves
     each element's reduction over the input as it is unless the kernel chosen for a chunk differs from the whole's
     (single-token inputs: the last bits). ``weight`` (out, in), ``bias`` (out,) or None; no gradient."""
@@ -71,11 +70,8 @@ class StoredPrecisionLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(*x.shape[:-1], self.weight.shape[0])
-        for rows in row_slices(*self.weight.shape, FIXED_LINEAR_CHUNK_ELEMENTS):
-            out[..., rows] = F.linear(x, self.weight[rows].to(x.dtype),
-                                      None if self.bias is None else self.bias[rows].to(x.dtype))
-        return out
+        return linear_by_rows(x, self.weight.shape, lambda rows: self.weight[rows].to(x.dtype),
+                              None if self.bias is None else self.bias.to(x.dtype))
 
 
 class FloatReference:

@@ -145,12 +145,13 @@ def test_float_reference_equals_whole_model(tmp_path, family):
 def test_stored_precision_linear_in_chunks(monkeypatch):
     """A bf16 linear computed a few output rows at a time gives the float32 linear's outputs, without a whole float32
     copy of its weight."""
+    import spinquant.quant.primitives as primitives
     import spinquant.streaming as streaming
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 1000, bias=True).to(torch.bfloat16)
     layer = streaming.StoredPrecisionLinear(linear)
-    monkeypatch.setattr(streaming, "FIXED_LINEAR_CHUNK_ELEMENTS", 64 * 300)  # 4 chunks of at most 300 rows
+    monkeypatch.setattr(primitives, "FIXED_LINEAR_CHUNK_ELEMENTS", 64 * 300)  # 4 chunks of at most 300 rows
     x = torch.randn(2, 7, 64)
     want = torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float())
     got = layer(x)

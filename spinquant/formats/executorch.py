@@ -54,7 +54,8 @@ def check_exportable(model: torch.nn.Module, scheme: QuantScheme) -> str:
         raise SpinQuantError(f"{', '.join(sorted(set(biased) - qkv))} has a bias: ExecuTorch's Transformer takes biases on "
                              f"q/k/v only (attention_qkv_bias), so this model has no ExecuTorch checkpoint; its quantized "
                              f"run stays usable (spinquant eval)")
-    missing = [n for n, m in model.named_modules() if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight is None]
+    missing = [n for n, m in model.named_modules()  # qweight_storage: no unpacking of the integers to see they exist
+               if hasattr(m, "weight_mode") and m.w_bits < FLOAT and m.qweight_storage is None]
     if missing or getattr(model.get_submodule(architecture_of(model.config).embedding), "qweight", None) is None:
         raise SpinQuantError(f"the run holds no quantized weights for {', '.join(missing) or 'the embedding'}: "
                              f"quantize it first (spinquant quantize)")
@@ -93,9 +94,10 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
     for i, layer in enumerate(arch.decoder_layers(model)):
         for hf, meta in layer_names.items():
             mod = layer.get_submodule(hf)
-            if not hasattr(mod, "qweight"):  # a norm: float weight
+            if not hasattr(mod, "qweight_storage"):  # a norm: float weight
                 sd[f"layers.{i}.{meta}.weight"] = _owned(mod.weight.float())
                 continue
+            q = mod.qweight  # unpacked once for all of a fused linear's parts
             parts = (arch.part_rows(cfg, hf).values() if hf in arch.parts else [slice(None)])
             metas = meta if isinstance(meta, tuple) else (meta,)
             for name, rows in zip(metas, parts):
@@ -107,7 +109,7 @@ def executorch_state_dict(model: torch.nn.Module, scheme: QuantScheme) -> dict[s
                         t = permute_rope_rows(hf, t, cfg, to_meta=True)
                     return _owned(t)
 
-                sd[f"{key}.weight"] = meta_rows(mod.qweight)
+                sd[f"{key}.weight"] = meta_rows(q)
                 sd[f"{key}.scales"] = meta_rows(mod.scales.float())
                 sd[f"{key}.zeros"] = torch.zeros_like(sd[f"{key}.scales"])
                 if mod.bias is not None:

@@ -53,8 +53,9 @@ def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     quantized_modules = set()
     for name, mod in model.named_modules():
-        if getattr(mod, "qweight", None) is not None:
-            state[f"{name}.qweight"] = mod.qweight.contiguous()
+        q = getattr(mod, "qweight", None)  # read once: a packed layer unpacks on each read
+        if q is not None:
+            state[f"{name}.qweight"] = q.contiguous()
             state[f"{name}.scales"] = mod.scales.contiguous()
             quantized_modules.add(name)
     for name, p in model.named_parameters():

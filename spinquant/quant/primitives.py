@@ -149,6 +149,15 @@ def row_slices(n_rows: int, n_cols: int, elements: int) -> list[slice]:
     return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
 
 
+def linear_by_rows(x: torch.Tensor, shape: tuple[int, int], weight_rows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for a weight W of ``shape`` (out, in) that is never whole: ``weight_rows(rows)`` makes
+    its rows ``rows`` (a slice), FIXED_LINEAR_CHUNK_ELEMENTS at a time (dequantized, or upcast from bf16)."""
+    out = x.new_empty(*x.shape[:-1], shape[0])
+    for rows in row_slices(*shape, FIXED_LINEAR_CHUNK_ELEMENTS):
+        out[..., rows] = F.linear(x, weight_rows(rows), None if bias is None else bias[rows])
+    return out
+
+
 class _FixedLinear(torch.autograd.Function):
     """``x @ (q * s)ᵀ`` with ``s = scales * exp(θ)``, the weight dequantized a chunk of rows at a time, in the forward
     and again in the backward (module-level :func:`fixed_linear`). Gradients: x and θ (the integers are fixed)."""
@@ -156,10 +165,7 @@ class _FixedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, scales, log_offset, group_size, bias):
         s = scales if log_offset is None else scales * log_offset.exp()
-        out = x.new_empty(*x.shape[:-1], q.shape[0])
-        for rows in row_slices(*q.shape, FIXED_LINEAR_CHUNK_ELEMENTS):
-            out[..., rows] = F.linear(x, dequantize_weight(q[rows], s[rows], group_size, x.dtype),
-                                      None if bias is None else bias[rows])
+        out = linear_by_rows(x, q.shape, lambda rows: dequantize_weight(q[rows], s[rows], group_size, x.dtype), bias)
         ctx.save_for_backward(x, q, s)
         ctx.group_size, ctx.has_offset = group_size, log_offset is not None
         return out
